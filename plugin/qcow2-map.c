@@ -76,6 +76,8 @@ classify (const struct q2_image *img, const uint8_t *e, uint64_t entry_off,
 {
   uint64_t l2e = get_be64 (e);
   uint64_t host = l2e & L2E_OFFSET_MASK;
+  /* Only an external data file may hold a cluster at host offset 0. */
+  bool ext_data = img->data_io != img->io;
 
   r->len = img->cluster_size - in;
   if (l2e & QCOW_OFLAG_COMPRESSED) {
@@ -101,7 +103,7 @@ classify (const struct q2_image *img, const uint8_t *e, uint64_t entry_off,
     if (alloc & zero)
       return CORRUPT ("%s: subcluster both allocated and zero (L2 entry at "
                       "file offset %" PRIu64 ")", img->filename, entry_off);
-    if (alloc && (host == 0 ||
+    if (alloc && ((host == 0 && !ext_data) ||
                   check_host_cluster (img, host, entry_off, "L2 entry") == -1))
       return host == 0 ? CORRUPT ("%s: allocated subclusters without a host "
                                   "cluster (L2 entry at file offset %" PRIu64
@@ -120,7 +122,7 @@ classify (const struct q2_image *img, const uint8_t *e, uint64_t entry_off,
 
   if (l2e & QCOW_OFLAG_ZERO)
     r->kind = Q2_ZERO;
-  else if (host == 0)
+  else if (host == 0 && !(ext_data && (l2e & QCOW_OFLAG_COPIED)))
     r->kind = Q2_UNALLOC;
   else {
     r->kind = Q2_DATA;
