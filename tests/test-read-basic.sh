@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Basic reads: qcow2 v3 images with the default 64k clusters, seeded
+# random writes, zeroes and discards, compared byte for byte with
+# qemu-img convert.  Served both with -r and without.
+[ -n "${BASH_VERSION:-}" ] || exec bash "$0" "$@"
+. "${srcdir:-${0%/*}}/functions.sh"
+
+# A 32 MiB image with a seeded mix of writes, zeroes and discards.
+img=$tmp/basic.qcow2
+mkimg "$img" 32M
+random_fill "$img" $((32*1024*1024)) n=60
+compare_read "$img"
+compare_read -w "$img"
+
+# A virtual size that is not a multiple of the cluster size (the last
+# cluster is partial), with data written right up to the end.
+size=$(( 20*1024*1024 + 3*512 ))
+img2=$tmp/odd-size.qcow2
+mkimg "$img2" "$size"
+random_fill "$img2" "$size" n=20 maxlen=128k
+rnd_pattern
+echo "write -P $R $(( size - 2048 )) 2048" | qio "$img2"
+compare_read "$img2"
+
+# A fresh, empty image reads as zeros and has the right size.
+img3=$tmp/empty.qcow2
+mkimg "$img3" 8M
+compare_read --allow-zero "$img3"
+
+# Byte-granular writes (qemu does read-modify-write of the cluster).
+img4=$tmp/bytes.qcow2
+mkimg "$img4" 4M
+random_fill "$img4" $((4*1024*1024)) n=50 align=1 maxlen=70000 zeroes=0 discards=0
+compare_read "$img4"
+
+# A small L2 cache must not change what is read.
+ref=$tmp/basic.raw
+ref_raw "$img" "$ref"
+compare_read --expect "$ref" "$img" l2-cache-size=65536
