@@ -62,7 +62,7 @@ mkimg "$ov" "$(stat -c %s "$src")" -b "$base" -F qcow2 -o compression_type=zstd
 ops=$tmp/ov-ops.txt
 : > "$ops"
 for i in $(seq 8); do
-    rnd $(( $(stat -c %s "$src") / 65536 )); off=$(( R * 65536 ))
+    rnd 4; off=$(( (i * 5 + R) * 65536 ))   # distinct clusters
     rnd_pattern
     echo "write -c -P $R $off 65536" >> "$ops"
 done
