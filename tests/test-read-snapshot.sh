@@ -40,6 +40,24 @@ snap_ref ()
     rm -f "$out.byid"
 }
 
+# table_ends_file IMG: true if IMG's snapshot table is the last thing
+# in the file and its last entry is not padded to a multiple of 8.
+table_ends_file ()
+{
+    /usr/bin/python3 - "$1" <<'PYEOF'
+import os, struct, sys
+path = sys.argv[1]
+d = open(path, "rb").read()
+nb, off = struct.unpack(">IQ", d[60:72])
+for i in range(nb):
+    off = (off + 7) & ~7
+    extra, = struct.unpack(">I", d[off + 36:off + 40])
+    id_len, name_len = struct.unpack(">HH", d[off + 12:off + 16])
+    off += 40 + extra + id_len + name_len
+sys.exit(0 if off == os.path.getsize(path) and off % 8 != 0 else 1)
+PYEOF
+}
+
 size=$((16*1024*1024))
 n=0
 for opts in compat=1.1,cluster_size=65536 compat=0.10,cluster_size=4096 \
@@ -96,10 +114,14 @@ sys.exit(1 if wrote else 0)
 
     # The snapshot table is the last thing in the file: the last entry
     # is not padded to 8 bytes there.
+    # (No discards before it, so that qemu has no freed cluster to put
+    # the table in; the layout is checked below.)
     last=$tmp/snap-last$n.qcow2
     mkimg "$last" "$size" -o "$opts"
-    random_fill "$last" "$size" n=20
+    random_fill "$last" "$size" n=20 zeroes=0 discards=0
     qemu-img snapshot -c only "$last"
+    table_ends_file "$last" ||
+        fail "sanity: the snapshot table of $last is not unpadded at the end of the file"
     snap_ref "$last" only "$tmp/only.raw"
     compare_read "$last"
     check_snapshot "$last" only "$tmp/only.raw"
