@@ -100,6 +100,7 @@ q2_snapshot_load_table (struct q2_image *img)
     if (parse_entry (img, i, &off, &img->snaps[i]) == -1)
       return -1;
   }
+  img->snap_table_len = off - img->h.snapshots_offset;
   return 0;
 }
 
