@@ -308,22 +308,28 @@ q2_free_later (struct q2_image *img, uint64_t off, uint64_t len)
   return 0;
 }
 
-int
-q2_apply_frees (struct q2_image *img, size_t n)
+static void
+dequeue (struct q2_image *img, size_t n)
 {
-  size_t i;
-
-  for (i = 0; i < n; i++) {
-    if (q2_free_now (img, img->pending[i].off, img->pending[i].len) == -1) {
-      /* Keep the rest queued; at worst the clusters leak. */
-      memmove (img->pending, img->pending + i + 1,
-               (img->n_pending - i - 1) * sizeof *img->pending);
-      img->n_pending -= i + 1;
-      return -1;
-    }
-  }
   memmove (img->pending, img->pending + n,
            (img->n_pending - n) * sizeof *img->pending);
   img->n_pending -= n;
+  img->pending_done += n;
+}
+
+int
+q2_apply_frees (struct q2_image *img, uint64_t upto)
+{
+  size_t i, n = upto > img->pending_done ? upto - img->pending_done : 0;
+
+  if (n > img->n_pending)
+    n = img->n_pending;
+  for (i = 0; i < n; i++) {
+    if (q2_free_now (img, img->pending[i].off, img->pending[i].len) == -1) {
+      dequeue (img, i + 1);     /* at worst the rest leak */
+      return -1;
+    }
+  }
+  dequeue (img, n);
   return 0;
 }

@@ -141,6 +141,7 @@ struct q2_image {
   struct q2_meta_set *meta;     /* clusters holding metadata */
   struct q2_range *pending;     /* frees waiting for a flush */
   size_t n_pending, cap_pending;
+  uint64_t pending_done;        /* frees ever taken off the queue */
   struct q2_range *inflight;    /* guest ranges being allocated */
   size_t n_inflight, cap_inflight;
   pthread_cond_t inflight_cond;
@@ -227,7 +228,10 @@ extern int q2_alloc_clusters (struct q2_image *img, uint64_t n,
 extern int q2_free_now (struct q2_image *img, uint64_t off, uint64_t len);
 /* Drop it once the removal of the pointer is on disk (at a flush). */
 extern int q2_free_later (struct q2_image *img, uint64_t off, uint64_t len);
-extern int q2_apply_frees (struct q2_image *img, size_t n);
+/* Apply the queued frees numbered below upto (counting every free ever
+ * queued), so that concurrent flushes never apply one twice.
+ */
+extern int q2_apply_frees (struct q2_image *img, uint64_t upto);
 extern int q2_meta_init (struct q2_image *img);
 extern void q2_meta_free (struct q2_image *img);
 extern int q2_meta_add (struct q2_image *img, uint64_t off, uint64_t len);

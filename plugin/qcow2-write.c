@@ -824,6 +824,7 @@ sync_files (struct q2_image *img)
 int
 q2_flush (struct q2_image *img)
 {
+  uint64_t upto;
   size_t n;
   int r;
 
@@ -833,6 +834,7 @@ q2_flush (struct q2_image *img)
     return 0;
   }
   n = img->n_pending;
+  upto = img->pending_done + n;
   r = q2_cache_flush (img->l2_cache);
   if (r == 0)
     r = q2_rc_flush (img);
@@ -844,7 +846,7 @@ q2_flush (struct q2_image *img)
 
   pthread_rwlock_wrlock (&img->io_lock);
   pthread_mutex_lock (&img->lock);
-  r = q2_apply_frees (img, n);
+  r = q2_apply_frees (img, upto);
   if (r == 0)
     r = q2_rc_flush (img);
   pthread_mutex_unlock (&img->lock);
