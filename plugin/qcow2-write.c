@@ -378,6 +378,8 @@ sub_mask (const struct q2_image *img, uint64_t from, uint64_t to)
 struct plan {
   uint64_t l2_off, g0, n, host, unit;
   bool reuse;                   /* writing into a cluster we own */
+  bool in_place;                /* nothing to plan: it became writable */
+  uint64_t old_alloc;           /* extended L2: allocated subclusters */
   struct owner old;             /* the replaced cluster, if n == 1 */
 };
 
@@ -448,6 +450,15 @@ make_plan (struct q2_image *img, uint64_t offset, uint64_t end,
     return -1;
   *old_desc = descriptor (x.e);
   p->reuse = p->old.has_host && !p->old.compressed && p->old.copied;
+  p->old_alloc = img->extl2 ? x.bitmap & ALL_SUBCLUSTERS : 0;
+  /* Another request may have allocated it while we waited: then write
+   * in place like any owned cluster, never copy over its data.
+   */
+  p->in_place = p->reuse &&
+    (img->extl2 ? (p->old_alloc >> ((offset - p->g0) / img->subcluster_size)) & 1
+                : !(x.e & QCOW_OFLAG_ZERO));
+  if (p->in_place)
+    return 0;
   p->unit = img->extl2 && !(p->old.has_host && !p->reuse)
             ? img->subcluster_size : img->cluster_size;
   if (p->reuse) {
@@ -552,12 +563,21 @@ write_alloc (struct q2_image *img, const uint8_t *buf, uint64_t count,
   pthread_mutex_unlock (&img->lock);
   if (r == -1)
     return -1;
+  if (p.in_place)
+    return 0;                   /* the caller maps it again */
 
   wend = offset + count;
   if (wend > p.g0 + p.n * img->cluster_size)
     wend = p.g0 + p.n * img->cluster_size;
   cow_start = offset & ~(p.unit - 1);
   cow_end = (wend + p.unit - 1) & ~(p.unit - 1);
+  if (p.reuse && img->extl2) {
+    /* Allocated subclusters at the edges are written in place. */
+    if ((p.old_alloc >> ((cow_start - p.g0) / p.unit)) & 1)
+      cow_start = offset;
+    if ((p.old_alloc >> ((cow_end - 1 - p.g0) / p.unit)) & 1)
+      cow_end = wend;
+  }
   r = guard (img, p.host + (cow_start - p.g0), cow_end - cow_start);
   if (r == 0)
     r = write_cow (img, &p, buf, offset, wend, cow_start, cow_end);
