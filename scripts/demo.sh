@@ -3,11 +3,10 @@
 # Build, then serve a qcow2 image with the freshly built plugin in the
 # foreground.  Usage: scripts/demo.sh [IMAGE.qcow2]   (PORT=10809 by default)
 set -euo pipefail
+# Resolve a relative image path before changing to the repository top.
+image=${1:+$(realpath -- "$1")}
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 top=$PWD
-
-# Resolve a relative image path before anything else changes directory.
-image=${1:+$(realpath -- "$1")}
 
 ./scripts/build.sh
 
@@ -38,7 +37,7 @@ From another terminal, try:
   nbdinfo $uri
   nbdinfo --map $uri
   nbdcopy $uri out.raw
-  qemu-img compare -f raw $uri $image
+  qemu-img compare -f raw -F qcow2 $uri $image
 Press Ctrl-C to stop the server.
 
 INFO
