@@ -19,8 +19,8 @@ if [[ -z $image ]]; then
     image=${TMPDIR:-/tmp}/nbdkit-qcow2-demo.qcow2
     qemu-img create -q -f qcow2 "$image" 1G
     qemu-io -f qcow2 \
-        -c 'write -P 0x55 0 1M' \
-        -c 'write -P 0xaa 256M 64k' \
+        -c 'write -P 0x61 0 1M' \
+        -c 'write -P 0x62 256M 64k' \
         -c 'write -z 512M 1M' \
         "$image" >/dev/null
 elif [[ ! -f $image ]]; then
