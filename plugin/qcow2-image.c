@@ -274,6 +274,25 @@ q2_is_writable (const struct q2_image *img)
   return !img->readonly && !img->corrupt;
 }
 
+void
+q2_log_stats (struct q2_image *img)
+{
+  uint64_t h, m, w;
+
+  for (; img; img = img->backing) {
+    if (img->l2_cache) {
+      q2_cache_stats (img->l2_cache, &h, &m, &w);
+      q2_debug ("%s: L2 cache: %" PRIu64 " hits, %" PRIu64 " misses, %"
+                PRIu64 " write-backs", img->filename, h, m, w);
+    }
+    if (img->rc_cache) {
+      q2_cache_stats (img->rc_cache, &h, &m, &w);
+      q2_debug ("%s: refcount cache: %" PRIu64 " hits, %" PRIu64 " misses, %"
+                PRIu64 " write-backs", img->filename, h, m, w);
+    }
+  }
+}
+
 const char *
 q2_filename (const struct q2_image *img)
 {

@@ -155,6 +155,8 @@ qcow2_get_ready (void)
 static void
 qcow2_cleanup (void)
 {
+  if (qcow2_debug_cache && image)
+    q2_log_stats (image);
   q2_close (image);
   image = NULL;
 }

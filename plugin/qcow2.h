@@ -83,6 +83,9 @@ extern int q2_trim (struct q2_image *img, uint64_t count, uint64_t offset);
 /* Make every completed write durable, from every connection. */
 extern int q2_flush (struct q2_image *img);
 
+/* Cache statistics of the whole chain, through the debug hook. */
+extern void q2_log_stats (struct q2_image *img);
+
 /* Describe the build for --dump-plugin. */
 extern const char *q2_features (void);
 

@@ -17,7 +17,7 @@ fi
 rm -f test-suite.log
 make_status=0
 # /usr/bin first, so nbdsh runs with Debian's python3 (which has libnbd).
-PATH=/usr/bin:$PATH make check || make_status=$?
+PATH=/usr/bin:$PATH make -j2 check || make_status=$?
 
 if [[ ! -f test-suite.log ]]; then
     echo "test: make check failed before running the tests" >&2
