@@ -63,6 +63,35 @@ rnd_pattern; echo "write -P $R 12M 4096" | qio "$ovsr"
 compare_read "$ovsr"
 compare_map "$ovsr"
 
+# A backing file larger than the overlay: only the overlay's size is
+# exported.
+ovsmall=$tmp/over-small.qcow2
+mkimg "$ovsmall" $(( 5*1024*1024 + 512 )) -b "$l1" -F qcow2
+random_fill "$ovsmall" $(( 5*1024*1024 + 512 )) n=10
+compare_read "$ovsmall"
+compare_map "$ovsmall"
+
+# Snapshots in an overlay read through to the backing file.
+ovsnap=$tmp/over-snap.qcow2
+mkimg "$ovsnap" "$size" -b "$l1" -F qcow2
+random_fill "$ovsnap" "$size" n=15 zeroes=30
+qemu-img snapshot -c s "$ovsnap"
+random_fill "$ovsnap" "$size" n=15
+ref_raw "$ovsnap" "$tmp/ovsnap.raw" -l snapshot.name=s
+compare_read --expect "$tmp/ovsnap.raw" "$ovsnap" snapshot=s
+compare_read "$ovsnap"
+rm -f "$tmp/ovsnap.raw"
+
+# A chain whose middle layer keeps its data in an external data file.
+mid=$tmp/mid-df.qcow2
+mkimg "$mid" "$size" -o data_file="$tmp/mid-df.data" -b "$l0" -F qcow2
+random_fill "$mid" "$size" n=20 zeroes=30
+topdf=$tmp/top-df.qcow2
+mkimg "$topdf" "$size" -o cluster_size=4096 -b "$mid" -F qcow2
+random_fill "$topdf" "$size" n=20
+compare_read "$topdf"
+compare_map --hole-only "$topdf"
+
 # backing=none: the top layer alone.  The reference is a copy whose
 # backing link was removed with qemu-img rebase -u.
 cp "$l2" "$tmp/l2-alone.qcow2"

@@ -37,3 +37,22 @@ compare_read "$img4"
 ref=$tmp/basic.raw
 ref_raw "$img" "$ref"
 compare_read --expect "$ref" "$img" l2-cache-size=65536
+
+# Resized images: grown (the L1 table is enlarged, data written past
+# the old end) and shrunk (clusters past the new end are dropped).
+img5=$tmp/resized.qcow2
+mkimg "$img5" 8M -o cluster_size=4096
+random_fill "$img5" 8M n=20
+qemu-img resize -q "$img5" 600M
+random_fill "$img5" 600M n=20 lo=500M maxlen=2M
+compare_read "$img5"
+compare_map "$img5"
+qemu-img resize -q --shrink "$img5" $(( 6*1024*1024 + 512 ))
+compare_read "$img5"
+compare_map "$img5"
+
+# An image written by qemu-img convert (a different allocator from
+# qemu-io's: contiguous data clusters, tables after data).
+img6=$tmp/converted.qcow2
+qemu-img convert -q -O qcow2 -o cluster_size=16384 "$img" "$img6"
+compare_read --expect "$ref" "$img6"

@@ -72,3 +72,35 @@ echo "ok: 3 parallel nbdcopy (7 connections) + 3 random readers"
 # The same image served with -r and without, with multi-conn copies.
 compare_read "$img"
 compare_read -w "$img"
+
+# Many connections sharing a small L2 cache: 512-byte clusters (each L2
+# table covers only 32 KiB) and the 4 KiB minimum cache, so tables are
+# evicted and reloaded while other requests are using them.
+small=$tmp/small-cluster.qcow2
+mkimg "$small" "$size" -o cluster_size=512
+random_fill "$small" "$size" n=80 maxlen=2M
+ref_raw "$small" "$tmp/small.raw"
+assert_nonzero "$tmp/small.raw"
+rnd 1000000000
+cat > "$tmp/run2.sh" <<EOF2
+set -e
+uri=\$1
+nbdcopy --connections=4 --requests=32 --request-size=32768 "\$uri" $tmp/s0.raw &
+p0=\$!
+nbdcopy --connections=4 --requests=32 "\$uri" $tmp/s1.raw &
+p1=\$!
+/usr/bin/python3 $tmp/random-reads.py "\$uri" $tmp/small.raw $R &
+p2=\$!
+r=0
+for p in \$p0 \$p1 \$p2; do wait \$p || r=1; done
+exit \$r
+EOF2
+run_plugin "$small" l2-cache-size=4096 -- bash "$tmp/run2.sh" '"$uri"' ||
+    fail "parallel clients with a small L2 cache failed"
+for i in 0 1; do
+    if ! cmp -s "$tmp/small.raw" "$tmp/s$i.raw"; then
+        show_diff "$tmp/small.raw" "$tmp/s$i.raw"
+        fail "parallel copy $i with l2-cache-size=4096 differs from qemu"
+    fi
+done
+echo "ok: parallel clients with l2-cache-size=4096 and 512-byte clusters"
