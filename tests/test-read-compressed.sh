@@ -70,3 +70,16 @@ qio "$ov" < "$ops"
 assert_compressed "$ov"
 compare_read "$ov"
 compare_map "$ov"
+
+# A compressed cluster that is the last thing in the file: its
+# descriptor may claim more sectors than the file still has.
+for cs in 512 4096 65536 2097152; do
+    img=$tmp/c-eof-$cs.qcow2
+    mkimg "$img" 8M -o cluster_size=$cs
+    gen_bytes "$cs" text > "$tmp/cluster.bin"
+    echo "write -c -s $tmp/cluster.bin $(( 3 * cs )) $cs" | qio "$img"
+    assert_compressed "$img"
+    [ $(( $(stat -c %s "$img") % 512 )) -ne 0 ] ||
+        fail "sanity: $img does not end inside compressed data"
+    compare_read "$img"
+done
