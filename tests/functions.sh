@@ -486,8 +486,10 @@ sha ()
 # KIND: random (incompressible, default), text (compressible words).
 gen_bytes ()
 {
+    local len
+    len=$(to_bytes "$1")
     rnd 2147483647
-    /usr/bin/python3 - "$1" "${2:-random}" "$R" <<'PYEOF'
+    /usr/bin/python3 - "$len" "${2:-random}" "$R" <<'PYEOF'
 import random, sys
 n, kind, seed = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 r = random.Random(seed)
