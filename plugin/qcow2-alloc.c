@@ -179,6 +179,12 @@ q2_meta_init (struct q2_image *img)
       return -1;
   if (add_l1_tree (img, img->l1, img->l1_size) == -1)
     return -1;
+  if (img->h.nb_bitmaps && img->h.bitmap_dir_size &&
+      img->h.bitmap_dir_offset < img->file_size &&
+      img->h.bitmap_dir_size <= img->file_size - img->h.bitmap_dir_offset &&
+      q2_meta_add (img, img->h.bitmap_dir_offset,
+                   img->h.bitmap_dir_size) == -1)
+    return -1;
   return add_snapshots (img);
 }
 

@@ -75,6 +75,8 @@ struct q2_header {
   char *backing_format;         /* NULL if not recorded */
   char *data_file_name;         /* NULL if none */
   uint64_t crypto_offset, crypto_length;
+  uint32_t nb_bitmaps;          /* from the bitmaps extension */
+  uint64_t bitmap_dir_size, bitmap_dir_offset;
 };
 
 /* Parse and validate the header in buf (the first cluster, or less if
@@ -171,6 +173,10 @@ extern int q2_map (struct q2_image *img, uint64_t offset, uint64_t max,
 /* ---- compression (qcow2-compress.c) ---- */
 extern int q2_decompress (int type, const void *src, size_t srclen,
                           void *dst, size_t dstlen);
+/* A per-thread buffer of at least n bytes (which: 0 or 1), kept for
+ * reuse by the same thread.
+ */
+extern void *q2_scratch (unsigned which, size_t n);
 /* Host offset and byte length of a compressed cluster's data. */
 extern void q2_cdesc_decode (unsigned cluster_bits, uint64_t desc,
                              uint64_t *host, uint64_t *len);
@@ -239,6 +245,12 @@ extern void q2_meta_remove (struct q2_image *img, uint64_t off);
 /* Fail (and mark the image corrupt) if [off, off+len) holds metadata. */
 extern int q2_check_overlap (struct q2_image *img, uint64_t off,
                              uint64_t len);
+
+/* ---- persistent bitmaps (qcow2-bitmap.c) ---- */
+/* Before the first write: flag every bitmap in use (inconsistent), as
+ * we do not track dirty blocks.  Returns 0 if the bitmaps bit may stay.
+ */
+extern int q2_bitmaps_mark_in_use (struct q2_image *img);
 
 /* ---- writing (qcow2-write.c) ---- */
 extern int q2_mark_corrupt (struct q2_image *img);

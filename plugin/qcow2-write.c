@@ -88,9 +88,10 @@ q2_mark_corrupt (struct q2_image *img)
 }
 
 /* Lock held.  The first write sets up the refcount state and updates
- * the header: unknown autoclear bits (and the bitmaps and raw-data-file
- * bits, which we do not maintain) are cleared, and the dirty bit is set
- * for lazy refcounts.
+ * the header: bitmaps are flagged in use (or, if that fails, their bit
+ * is dropped), every other autoclear bit is cleared (we keep neither an
+ * external data file raw-consistent nor anything unknown), and the
+ * dirty bit is set for lazy refcounts.
  */
 static int
 begin_write (struct q2_image *img)
@@ -101,6 +102,9 @@ begin_write (struct q2_image *img)
     return 0;
   if (q2_rc_init (img) == -1 || q2_meta_init (img) == -1)
     return -1;
+  if ((img->h.autoclear & QCOW2_AUTOCLEAR_BITMAPS) &&
+      q2_bitmaps_mark_in_use (img) == 0)
+    autoclear |= QCOW2_AUTOCLEAR_BITMAPS;
   img->alloc_end = (img->file_size + img->cluster_size - 1)
                    >> img->cluster_bits;
   img->lazy = img->h.compat & QCOW2_COMPAT_LAZY_REFCOUNTS;

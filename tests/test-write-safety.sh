@@ -78,3 +78,18 @@ for target in l1_offset reftable_offset refblock0; do
   fi
   echo "ok: a write aimed at $target failed, metadata intact, image marked corrupt"
 done
+
+# 5. Persistent bitmaps: we do not track dirty blocks, so the first
+# write flags every bitmap in use; nothing leaks, nothing is lost.
+fresh
+qemu-img bitmap --add "$img" b0
+qemu-img bitmap --add "$img" b1
+nbdkit -U - "$PLUGIN" file="$img" --run '
+  nbdsh -u "$uri" -c "h.pwrite(b\"\\x01\" * 65536, 32 << 20)"'
+check_clean "$img"
+n=$(qemu-img info --output=json "$img" |
+    python3 -c 'import json,sys
+bm = json.load(sys.stdin)["format-specific"]["data"].get("bitmaps", [])
+print(sum("in-use" in b["flags"] for b in bm) if len(bm) == 2 else -1)')
+[ "$n" = 2 ] || { echo "bitmaps not flagged in use after a write ($n)"; exit 1; }
+echo "ok: bitmaps flagged in use by the first write, no leaks"
