@@ -56,3 +56,21 @@ compare_map "$img5"
 img6=$tmp/converted.qcow2
 qemu-img convert -q -O qcow2 -o cluster_size=16384 "$img" "$img6"
 compare_read --expect "$ref" "$img6"
+
+# Unknown compatible and autoclear feature bits must be ignored, and
+# persistent dirty bitmaps do not change what is read.
+img7=$tmp/features.qcow2
+mkimg "$img7" 8M
+random_fill "$img7" 8M n=15
+qemu-img bitmap --add "$img7" bm
+random_fill "$img7" 8M n=5
+ref_raw "$img7" "$tmp/features.raw"
+/usr/bin/python3 -c '
+import struct, sys
+with open(sys.argv[1], "r+b") as f:
+    f.seek(80)
+    compat, autoclear = struct.unpack(">QQ", f.read(16))
+    f.seek(80)
+    f.write(struct.pack(">QQ", compat | 1 << 40, autoclear | 1 << 40))' "$img7"
+compare_read --expect "$tmp/features.raw" "$img7"
+compare_read -w --expect "$tmp/features.raw" "$img7"

@@ -72,11 +72,16 @@ qemu-img snapshot -c s1 "$tmp/snap.qcow2"
 random_fill "$tmp/snap.qcow2" "$size" n=20
 mkimg "$tmp/df.qcow2" "$size" -o data_file="$tmp/df.data"
 random_fill "$tmp/df.qcow2" "$size" n=30
+mkimg "$tmp/bitmaps.qcow2" "$size"
+random_fill "$tmp/bitmaps.qcow2" "$size" n=10
+qemu-img bitmap --add "$tmp/bitmaps.qcow2" b0
+qemu-img bitmap --add --granularity 4096 "$tmp/bitmaps.qcow2" b1
+random_fill "$tmp/bitmaps.qcow2" "$size" n=10
 mkimg "$tmp/top.qcow2" "$size" -b "$tmp/ext.qcow2" -F qcow2
 random_fill "$tmp/top.qcow2" "$size" n=10
 
 for w in "" -w; do
-    for i in plain v2 lazy comp snap; do
+    for i in plain v2 lazy comp snap bitmaps; do
         check_untouched "$tmp/$i.qcow2" -- $w "$tmp/$i.qcow2"
     done
     check_untouched "$tmp/df.qcow2" "$tmp/df.data" -- $w "$tmp/df.qcow2"
@@ -100,6 +105,9 @@ except nbd.Error:
 [ "$(fingerprint "$tmp/plain.qcow2")" = "$before" ] ||
     fail "write attempt on the -r export changed the file"
 echo "ok: -r export is read-only"
+
+qemu-img info "$tmp/bitmaps.qcow2" | grep -q 'name: b1' ||
+    fail "sanity: persistent bitmaps were lost"
 
 # A dirty image: lazy refcounts on, qemu-io stopped without closing
 # the image (its abort command), so the dirty bit stays set.  Under -r
