@@ -21,7 +21,7 @@ r = random.Random(seed)
 l2_span = cs * (cs // 8)
 nonzero = 0
 for i in range(count):
-    kind = r.randrange(5)
+    kind = r.randrange(6)
     if kind == 0:       # anywhere, short
         off = r.randrange(size); n = r.randint(1, 700)
     elif kind == 1:     # straddling a cluster boundary
@@ -32,8 +32,10 @@ for i in range(count):
         off = max(0, b - r.randint(1, 5000)); n = r.randint(1, 70000)
     elif kind == 3:     # the very end of the disk
         n = r.randint(1, 9000); off = size - n
-    else:               # long and odd
+    elif kind == 4:     # long and odd
         off = r.randrange(size); n = r.randint(cs, 4 * cs + 4095)
+    else:               # very long: many clusters in one request
+        off = r.randrange(size); n = r.randint(1, 3 * 1024 * 1024)
     n = min(n, size - off, 32 * 1024 * 1024)
     if n <= 0:
         continue
@@ -79,6 +81,23 @@ qemu-img convert -q -c -f raw -O qcow2 -o compression_type=zstd,cluster_size=655
     "$tmp/text.raw" "$tmp/u-comp.qcow2"
 assert_compressed "$tmp/u-comp.qcow2"
 unaligned_reads "$tmp/u-comp.qcow2" 65536
+
+# Compressed clusters mixed with everything else in one request:
+# adjacent compressed clusters, overwritten (uncompressed) ones,
+# discarded ones, zeroes, and compressed clusters written later (so
+# not adjacent in the file to their guest neighbours).
+img=$tmp/u-mixed.qcow2
+qemu-img convert -q -c -f raw -O qcow2 -o cluster_size=4096 "$tmp/text.raw" "$img"
+random_fill "$img" "$size" n=40 align=512 maxlen=40k zeroes=25 discards=25
+: > "$tmp/wc.txt"
+for i in $(seq 40); do
+    rnd $(( size / 4096 )); off=$(( R * 4096 ))
+    rnd_pattern
+    printf 'discard %d 4096\nwrite -c -P %d %d 4096\n' "$off" "$R" "$off" >> "$tmp/wc.txt"
+done
+qio "$img" < "$tmp/wc.txt"
+assert_compressed "$img"
+unaligned_reads "$img" 4096
 
 # Extended L2 with subcluster writes, over a backing file.
 img=$tmp/u-ext.qcow2
