@@ -157,7 +157,7 @@ to_bytes ()
     esac
 }
 
-# random_fill IMG SIZE [key=value...]: print and apply a seeded list of
+# random_fill IMG SIZE [key=value...]: make and apply a seeded list of
 # qemu-io commands to IMG (format qcow2 unless fmt= says otherwise).
 #   n=COUNT       number of operations (default 40)
 #   maxlen=BYTES  longest write (default 1M)
