@@ -383,6 +383,9 @@ struct plan {
   uint64_t l2_off, g0, n, host, unit;
   bool reuse;                   /* writing into a cluster we own */
   bool in_place;                /* nothing to plan: it became writable */
+  bool fresh_zeros;             /* new clusters past anything ever written,
+                                   replacing content that reads as zeros:
+                                   no copy-on-write needed */
   uint64_t old_alloc;           /* extended L2: allocated subclusters */
   struct owner old;             /* the replaced cluster, if n == 1 */
 };
@@ -483,6 +486,10 @@ make_plan (struct q2_image *img, uint64_t offset, uint64_t end,
       p->n = got;
     }
   }
+  p->fresh_zeros = !p->reuse && !p->old.has_host &&
+    img->data_io == img->io &&
+    p->host >= __atomic_load_n (&img->file_size, __ATOMIC_ACQUIRE) &&
+    (img->backing == NULL || p->g0 >= img->backing->size);
   if (inflight_add (img, p->g0, p->n * img->cluster_size) == -1) {
     if (!p->reuse && img->data_io == img->io)
       q2_free_now (img, p->host, p->n * img->cluster_size);
@@ -537,8 +544,8 @@ write_cow (struct q2_image *img, const struct plan *p, const uint8_t *buf,
   uint8_t *tmp;
   int r;
 
-  if (head == 0 && tail == 0)
-    return write_data (img, buf, wend - offset, host);
+  if ((head == 0 && tail == 0) || p->fresh_zeros)
+    return write_data (img, buf, wend - offset, host + head);
   tmp = malloc (cow_end - cow_start);
   if (tmp == NULL)
     return Q2_FAIL (ENOMEM, "%s: malloc: %m", img->filename);

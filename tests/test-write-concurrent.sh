@@ -12,7 +12,7 @@ fio_job () {
   local name=$1; shift
   fio --output="$scratch/fio-$name.out" --name="$name" --ioengine=nbd \
       --uri="$uri" --iodepth=16 --numjobs=4 --group_reporting \
-      --verify=crc32c --verify_fatal=1 --do_verify=1 "$@" ||
+      --verify=crc32c --verify_fatal=1 --do_verify=1 --verify_state_save=0 "$@" ||
     { echo "fio $name failed:"; tail -20 "$scratch/fio-$name.out"; exit 1; }
   grep -q "err= 0" "$scratch/fio-$name.out" ||
     { echo "fio $name reported errors"; exit 1; }
