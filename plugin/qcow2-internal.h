@@ -5,6 +5,7 @@
 #ifndef QCOW2_INTERNAL_H
 #define QCOW2_INTERNAL_H
 
+#include <inttypes.h>
 #include <pthread.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -105,7 +106,7 @@ struct q2_image {
   unsigned l2e_size;            /* 8, or 16 with extended L2 */
   unsigned l2_bits;             /* log2 of entries per L2 table */
   uint64_t subcluster_size;     /* == cluster_size without extended L2 */
-  uint64_t file_size;           /* of io, at open */
+  uint64_t file_size;           /* of io; grows as clusters are allocated */
 
   uint64_t *l1;                 /* host-endian, l1_size entries */
   uint32_t l1_size;
@@ -113,6 +114,8 @@ struct q2_image {
 
   struct q2_cache *l2_cache;
   struct q2_image *backing;     /* NULL if none */
+  struct q2_snapshot *snaps;    /* the snapshot table */
+  uint32_t nb_snaps;
   const char *snapshot;         /* non-NULL if serving a snapshot */
 
   pthread_mutex_t lock;         /* metadata lock (write path) */
@@ -128,6 +131,8 @@ struct q2_run {
   uint64_t cdesc;               /* Q2_COMPRESSED: the L2 descriptor */
 };
 
+extern int q2_debug_map;
+
 /* Map the longest simple run starting at offset, at most max bytes. */
 extern int q2_map (struct q2_image *img, uint64_t offset, uint64_t max,
                    struct q2_run *run);
@@ -139,25 +144,37 @@ extern int q2_decompress (int type, const void *src, size_t srclen,
 extern void q2_cdesc_decode (unsigned cluster_bits, uint64_t desc,
                              uint64_t *host, uint64_t *len);
 
-/* ---- backing files (qcow2-backing.c) ---- */
+/* ---- backing and data files (qcow2-backing.c) ----
+ * depth is the image's place in the chain (0 = top); chain[0..depth]
+ * holds the files opened so far, for loop detection.  The caller's
+ * overrides in opts apply to the top image only.
+ */
 extern int q2_open_backing (struct q2_image *img,
                             const struct q2_open_opts *opts,
                             unsigned depth, struct q2_io **chain);
 extern int q2_open_data_file (struct q2_image *img,
-                              const struct q2_open_opts *opts);
-/* Open one member of a chain; chain[0..depth-1] are the images above. */
-extern int q2_open_chain_member (const char *filename, const char *format,
-                                 const struct q2_open_opts *opts,
-                                 unsigned depth, struct q2_io **chain,
-                                 struct q2_image **img_out);
+                              const struct q2_open_opts *opts,
+                              unsigned depth);
 
 /* ---- snapshots (qcow2-snapshot.c) ---- */
+struct q2_snapshot {
+  uint64_t l1_offset;
+  uint32_t l1_size;
+  uint64_t disk_size;           /* the header's size if not recorded */
+  char *id;
+  char *name;
+};
+extern int q2_snapshot_load_table (struct q2_image *img);
+extern void q2_snapshot_free_table (struct q2_image *img);
 extern int q2_snapshot_select (struct q2_image *img, const char *id_or_name);
 
-/* ---- image (qcow2-image.c) ---- */
+/* ---- image (qcow2-image.c) ----
+ * follow: open the backing and data files the image names.
+ */
 extern int q2_open_qcow2 (struct q2_io *io, const struct q2_open_opts *opts,
-                          unsigned depth, struct q2_io **chain,
+                          unsigned depth, struct q2_io **chain, bool follow,
                           struct q2_image **img_out);
+extern int q2_open_raw (struct q2_io *io, struct q2_image **img_out);
 extern int q2_load_l1 (struct q2_image *img, uint64_t offset, uint32_t size,
                        uint64_t **l1_out);
 

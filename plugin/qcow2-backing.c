@@ -1,0 +1,139 @@
+/* nbdkit-qcow2: backing chains and external data files.
+ * SPDX-License-Identifier: BSD-3-Clause
+ *
+ * Policy for file names written inside an image (an untrusted image can
+ * name any path):
+ *  - A backing file's format is never probed.  It comes from the image's
+ *    backing-format extension or from backing-format=; otherwise the
+ *    open fails.  Probing would let a raw file that a guest filled with
+ *    a fake qcow2 header redirect reads to arbitrary host files.
+ *  - Backing files are opened read-only; the chain is at most
+ *    Q2_MAX_CHAIN images long and may not contain a file twice.
+ *  - Relative names are resolved against the directory of the image
+ *    that names them, as QEMU does.
+ *  - backing=, backing-format= and data-file= override the top image.
+ */
+
+#include <config.h>
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "qcow2-internal.h"
+
+/* name relative to the directory of base, unless it is absolute. */
+static char *
+resolve (const char *base, const char *name)
+{
+  const char *slash = strrchr (base, '/');
+  size_t dirlen = slash ? (size_t) (slash - base) + 1 : 0;
+  char *r;
+
+  if (name[0] == '/' || dirlen == 0)
+    return strdup (name);
+  r = malloc (dirlen + strlen (name) + 1);
+  if (r) {
+    memcpy (r, base, dirlen);
+    strcpy (r + dirlen, name);
+  }
+  return r;
+}
+
+static int
+open_member (const char *path, const char *fmt, const struct q2_open_opts *opts,
+             unsigned depth, struct q2_io **chain, struct q2_image **out)
+{
+  struct q2_io *io = q2_io_file_open (path, true);
+  unsigned i;
+  int r;
+
+  if (io == NULL)
+    return -1;
+  for (i = 0; i < depth; i++) {
+    if (chain[i]->dev == io->dev && chain[i]->ino == io->ino) {
+      q2_error ("%s: backing chain loop: this file is already in the chain "
+                "(as %s)", path, chain[i]->name);
+      q2_io_close (io);
+      errno = ELOOP;
+      return -1;
+    }
+  }
+  chain[depth] = io;
+  if (strcmp (fmt, "raw") == 0)
+    r = q2_open_raw (io, out);
+  else
+    r = q2_open_qcow2 (io, opts, depth, chain, true, out);
+  if (r == -1)
+    q2_io_close (io);
+  return r;
+}
+
+int
+q2_open_backing (struct q2_image *img, const struct q2_open_opts *opts,
+                 unsigned depth, struct q2_io **chain)
+{
+  const char *name = img->h.backing_name;
+  const char *fmt = img->h.backing_format;
+  char *path;
+  int r;
+
+  if (depth == 0 && opts->backing) {
+    if (strcmp (opts->backing, "none") == 0)
+      return 0;
+    name = opts->backing;
+  }
+  if (name == NULL)
+    return 0;
+  if (depth == 0 && opts->backing_format)
+    fmt = opts->backing_format;
+  if (fmt == NULL)
+    return Q2_FAIL (EINVAL, "%s: the image does not record the format of "
+                    "its backing file '%s', and formats are never probed; "
+                    "give backing-format=raw or backing-format=qcow2 "
+                    "(or backing=none)", img->filename, name);
+  if (strcmp (fmt, "raw") != 0 && strcmp (fmt, "qcow2") != 0)
+    return Q2_FAIL (ENOTSUP, "%s: backing file '%s' has format '%s'; only "
+                    "raw and qcow2 backing files are supported",
+                    img->filename, name, fmt);
+  if (depth + 1 >= Q2_MAX_CHAIN)
+    return Q2_FAIL (ELOOP, "%s: backing chain is longer than %d images",
+                    img->filename, Q2_MAX_CHAIN);
+  path = resolve (img->filename, name);
+  if (path == NULL)
+    return Q2_FAIL (ENOMEM, "%s: malloc: %m", img->filename);
+  r = open_member (path, fmt, opts, depth + 1, chain, &img->backing);
+  free (path);
+  return r;
+}
+
+int
+q2_open_data_file (struct q2_image *img, const struct q2_open_opts *opts,
+                   unsigned depth)
+{
+  const char *name = img->h.data_file_name;
+  struct q2_io *io;
+  char *path;
+
+  if (depth == 0 && opts->data_file)
+    name = opts->data_file;
+  if (!(img->h.incompat & QCOW2_INCOMPAT_DATA_FILE)) {
+    if (depth == 0 && opts->data_file)
+      return Q2_FAIL (EINVAL, "%s: data-file= was given, but the image has "
+                      "no external data file", img->filename);
+    return 0;
+  }
+  if (name == NULL)
+    return Q2_FAIL (EINVAL, "%s: the image keeps its data in an external "
+                    "file but does not name it; give data-file=",
+                    img->filename);
+  path = resolve (img->filename, name);
+  if (path == NULL)
+    return Q2_FAIL (ENOMEM, "%s: malloc: %m", img->filename);
+  io = q2_io_file_open (path, img->io->readonly);
+  free (path);
+  if (io == NULL)
+    return -1;
+  img->data_io = io;
+  return 0;
+}

@@ -1,0 +1,146 @@
+/* nbdkit-qcow2: compressed clusters (deflate and zstd).
+ * SPDX-License-Identifier: BSD-3-Clause
+ *
+ * Each thread keeps its own decompression context, so nbdkit's worker
+ * threads decompress in parallel without a lock or a per-call setup.
+ */
+
+#include <config.h>
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <zlib.h>
+#include <zstd.h>
+
+#include "qcow2-internal.h"
+
+void
+q2_cdesc_decode (unsigned cluster_bits, uint64_t desc, uint64_t *host,
+                 uint64_t *len)
+{
+  unsigned x = 62 - (cluster_bits - 8);
+  uint64_t sectors = ((desc & ((UINT64_C (1) << 62) - 1)) >> x) + 1;
+
+  *host = desc & ((UINT64_C (1) << x) - 1);
+  *len = sectors * 512 - (*host & 511);
+}
+
+static pthread_key_t zlib_key, zstd_key;
+static pthread_once_t keys_once = PTHREAD_ONCE_INIT;
+
+static void
+free_zlib (void *p)
+{
+  inflateEnd (p);
+  free (p);
+}
+
+static void
+free_zstd (void *p)
+{
+  ZSTD_freeDCtx (p);
+}
+
+static void
+make_keys (void)
+{
+  pthread_key_create (&zlib_key, free_zlib);
+  pthread_key_create (&zstd_key, free_zstd);
+}
+
+static z_stream *
+thread_zlib (void)
+{
+  z_stream *z;
+
+  pthread_once (&keys_once, make_keys);
+  z = pthread_getspecific (zlib_key);
+  if (z)
+    return inflateReset (z) == Z_OK ? z : NULL;
+  z = calloc (1, sizeof *z);
+  if (z == NULL || inflateInit2 (z, -12) != Z_OK) {  /* raw deflate */
+    free (z);
+    return NULL;
+  }
+  pthread_setspecific (zlib_key, z);
+  return z;
+}
+
+static ZSTD_DCtx *
+thread_zstd (void)
+{
+  ZSTD_DCtx *d;
+
+  pthread_once (&keys_once, make_keys);
+  d = pthread_getspecific (zstd_key);
+  if (d) {
+    ZSTD_DCtx_reset (d, ZSTD_reset_session_only);
+    return d;
+  }
+  d = ZSTD_createDCtx ();
+  if (d)
+    pthread_setspecific (zstd_key, d);
+  return d;
+}
+
+/* The cluster is good once the output is full; trailing input is the
+ * padding of the last sector.
+ */
+static int
+inflate_cluster (const void *src, size_t srclen, void *dst, size_t dstlen)
+{
+  z_stream *z = thread_zlib ();
+  int r;
+
+  if (z == NULL)
+    return Q2_FAIL (ENOMEM, "zlib: cannot create an inflate stream");
+  z->next_in = (Bytef *) src;
+  z->avail_in = srclen;
+  z->next_out = dst;
+  z->avail_out = dstlen;
+  r = inflate (z, Z_FINISH);
+  if ((r == Z_STREAM_END || r == Z_BUF_ERROR || r == Z_OK) && z->avail_out == 0)
+    return 0;
+  errno = EIO;
+  return -1;
+}
+
+static int
+unzstd_cluster (const void *src, size_t srclen, void *dst, size_t dstlen)
+{
+  ZSTD_DCtx *d = thread_zstd ();
+  ZSTD_inBuffer in = { src, srclen, 0 };
+  ZSTD_outBuffer out = { dst, dstlen, 0 };
+
+  if (d == NULL)
+    return Q2_FAIL (ENOMEM, "zstd: cannot create a decompression context");
+  while (out.pos < out.size) {
+    size_t r = ZSTD_decompressStream (d, &out, &in);
+    if (ZSTD_isError (r) || (out.pos < out.size && in.pos == in.size)) {
+      errno = EIO;
+      return -1;
+    }
+  }
+  return 0;
+}
+
+/* Returns -1 with errno = EIO (and no message: the caller names the
+ * cluster) if the data does not decompress to exactly dstlen bytes.
+ */
+int
+q2_decompress (int type, const void *src, size_t srclen, void *dst,
+               size_t dstlen)
+{
+  switch (type) {
+  case QCOW2_COMPRESSION_DEFLATE:
+    return inflate_cluster (src, srclen, dst, dstlen);
+  case QCOW2_COMPRESSION_ZSTD:
+    return unzstd_cluster (src, srclen, dst, dstlen);
+  default:
+    errno = ENOTSUP;
+    return -1;
+  }
+}

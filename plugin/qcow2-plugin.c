@@ -1,0 +1,242 @@
+/* nbdkit-qcow2: the nbdkit plugin glue.
+ * SPDX-License-Identifier: BSD-3-Clause
+ *
+ * config -> get_ready opens the one image this process serves; every
+ * connection shares it through the thread-safe mapping layer, so the
+ * per-connection handle carries nothing.
+ */
+
+#include <config.h>
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define NBDKIT_API_VERSION 2
+#include <nbdkit-plugin.h>
+
+#include "qcow2.h"
+
+#define THREAD_MODEL NBDKIT_THREAD_MODEL_PARALLEL
+
+/* -D qcow2.map=1: log every mapping.  -D qcow2.cache=1: cache stats. */
+NBDKIT_DLL_PUBLIC int qcow2_debug_map = 0;
+NBDKIT_DLL_PUBLIC int qcow2_debug_cache = 0;
+extern int q2_debug_map;
+
+static char *filename;
+static char *backing;
+static char *data_file;
+static char *snapshot;
+static struct q2_open_opts opts;
+static struct q2_image *image;
+
+static void
+log_error (const char *msg)
+{
+  nbdkit_error ("%s", msg);
+}
+
+static void
+log_debug (const char *msg)
+{
+  nbdkit_debug ("%s", msg);
+}
+
+static void
+qcow2_load (void)
+{
+  q2_set_log_hooks (log_error, log_debug);
+}
+
+static void
+qcow2_unload (void)
+{
+  free (filename);
+  free (backing);
+  free (data_file);
+  free (snapshot);
+}
+
+/* backing= and data-file= are relative to the current directory. */
+static int
+config_path (char **out, const char *value)
+{
+  free (*out);
+  *out = nbdkit_absolute_path (value);
+  return *out ? 0 : -1;
+}
+
+static int
+qcow2_config (const char *key, const char *value)
+{
+  if (strcmp (key, "file") == 0) {
+    free (filename);
+    filename = nbdkit_realpath (value);
+    return filename ? 0 : -1;
+  }
+  if (strcmp (key, "backing") == 0) {
+    if (strcmp (value, "none") == 0) {
+      free (backing);
+      backing = strdup ("none");
+      return backing ? 0 : -1;
+    }
+    return config_path (&backing, value);
+  }
+  if (strcmp (key, "backing-format") == 0) {
+    if (strcmp (value, "raw") != 0 && strcmp (value, "qcow2") != 0) {
+      nbdkit_error ("backing-format must be raw or qcow2, not '%s'", value);
+      return -1;
+    }
+    opts.backing_format = value;  /* nbdkit keeps value alive */
+    return 0;
+  }
+  if (strcmp (key, "data-file") == 0)
+    return config_path (&data_file, value);
+  if (strcmp (key, "snapshot") == 0) {
+    free (snapshot);
+    snapshot = strdup (value);
+    return snapshot ? 0 : -1;
+  }
+  if (strcmp (key, "l2-cache-size") == 0) {
+    int64_t r = nbdkit_parse_size (value);
+    if (r == -1)
+      return -1;
+    if (r < 4096) {
+      nbdkit_error ("l2-cache-size must be at least 4K");
+      return -1;
+    }
+    opts.l2_cache_bytes = r;
+    return 0;
+  }
+  nbdkit_error ("unknown parameter '%s'", key);
+  return -1;
+}
+
+static int
+qcow2_config_complete (void)
+{
+  if (filename == NULL) {
+    nbdkit_error ("you must supply the file=<FILENAME> parameter");
+    return -1;
+  }
+  opts.backing = backing;
+  opts.data_file = data_file;
+  opts.snapshot = snapshot;
+  return 0;
+}
+
+#define qcow2_config_help \
+  "[file=]<FILENAME>     (required) The qcow2 image to serve.\n" \
+  "backing=<PATH>|none   Override the backing file named in the image.\n" \
+  "backing-format=raw|qcow2  Format of the backing file (never probed).\n" \
+  "data-file=<PATH>      Override the external data file.\n" \
+  "snapshot=<ID|NAME>    Export an internal snapshot, read-only.\n" \
+  "l2-cache-size=<SIZE>  L2 metadata cache budget (default 32M)."
+
+static void
+qcow2_dump_plugin (void)
+{
+  printf ("%s\n", q2_features ());
+}
+
+/* Open the image once, before any connection.  `-r` is not known yet,
+ * so open read-write where possible; nothing is written until a client
+ * writes.
+ */
+static int
+qcow2_get_ready (void)
+{
+  q2_debug_map = qcow2_debug_map;
+  return q2_open (filename, &opts, &image);
+}
+
+static void
+qcow2_cleanup (void)
+{
+  q2_close (image);
+  image = NULL;
+}
+
+static void *
+qcow2_open (int readonly)
+{
+  return NBDKIT_HANDLE_NOT_NEEDED;
+}
+
+static int64_t
+qcow2_get_size (void *handle)
+{
+  return q2_size (image);
+}
+
+static int
+qcow2_can_write (void *handle)
+{
+  return q2_is_writable (image);
+}
+
+static int
+qcow2_can_multi_conn (void *handle)
+{
+  return 1;
+}
+
+static int
+qcow2_can_extents (void *handle)
+{
+  return 1;
+}
+
+static int
+qcow2_pread (void *handle, void *buf, uint32_t count, uint64_t offset,
+             uint32_t flags)
+{
+  return q2_read (image, buf, count, offset);
+}
+
+static int
+qcow2_extents (void *handle, uint32_t count, uint64_t offset, uint32_t flags,
+               struct nbdkit_extents *extents)
+{
+  while (count > 0) {
+    uint64_t len;
+    unsigned st;
+
+    if (q2_block_status (image, offset, count, &len, &st) == -1 ||
+        nbdkit_add_extent (extents, offset, len, st) == -1)
+      return -1;
+    if (flags & NBDKIT_FLAG_REQ_ONE)
+      break;
+    offset += len;
+    count -= len;
+  }
+  return 0;
+}
+
+static struct nbdkit_plugin plugin = {
+  .name              = "qcow2",
+  .longname          = "nbdkit qcow2 plugin",
+  .version           = PACKAGE_VERSION,
+  .description       = "Serve qcow2 disk images, reading and writing.",
+  .load              = qcow2_load,
+  .unload            = qcow2_unload,
+  .config            = qcow2_config,
+  .config_complete   = qcow2_config_complete,
+  .config_help       = qcow2_config_help,
+  .magic_config_key  = "file",
+  .dump_plugin       = qcow2_dump_plugin,
+  .get_ready         = qcow2_get_ready,
+  .cleanup           = qcow2_cleanup,
+  .open              = qcow2_open,
+  .get_size          = qcow2_get_size,
+  .can_write         = qcow2_can_write,
+  .can_multi_conn    = qcow2_can_multi_conn,
+  .can_extents       = qcow2_can_extents,
+  .pread             = qcow2_pread,
+  .extents           = qcow2_extents,
+  .errno_is_preserved = 1,
+};
+
+NBDKIT_REGISTER_PLUGIN (plugin)

@@ -1,0 +1,175 @@
+/* nbdkit-qcow2: reading guest data and reporting block status.
+ * SPDX-License-Identifier: BSD-3-Clause
+ *
+ * Reads walk the mapping run by run.  Host-contiguous data runs are
+ * merged into one pread, even across L2 slices and tables.  No lock is
+ * held here: the mapping copies what it needs out of the cache.
+ */
+
+#include <config.h>
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "qcow2-internal.h"
+
+/* Bytes of the backing image from offset: what lies past its end reads
+ * as zeros.
+ */
+static int
+read_backing (struct q2_image *img, uint8_t *buf, uint64_t len,
+              uint64_t offset)
+{
+  struct q2_image *b = img->backing;
+  uint64_t avail = 0;
+
+  if (b && offset < b->size)
+    avail = b->size - offset < len ? b->size - offset : len;
+  if (avail && q2_read (b, buf, avail, offset) == -1)
+    return -1;
+  memset (buf + avail, 0, len - avail);
+  return 0;
+}
+
+static int
+read_compressed (struct q2_image *img, uint8_t *buf, uint64_t len,
+                 uint64_t offset, uint64_t desc)
+{
+  uint64_t host, clen, in = offset & (img->cluster_size - 1);
+  uint8_t *cbuf, *out;
+  int r = -1;
+
+  q2_cdesc_decode (img->cluster_bits, desc, &host, &clen);
+  cbuf = malloc (clen + img->cluster_size);
+  if (cbuf == NULL)
+    return Q2_FAIL (ENOMEM, "%s: malloc: %m", img->filename);
+  out = cbuf + clen;
+  if (q2_io_pread (img->io, cbuf, clen, host) == -1)
+    goto out;
+  if (q2_decompress (img->h.compression_type, cbuf, clen, out,
+                     img->cluster_size) == -1) {
+    q2_error ("%s: compressed cluster at host offset 0x%" PRIx64 " (guest "
+              "offset %" PRIu64 ") does not decompress", img->filename,
+              host, offset - in);
+    errno = EIO;
+    goto out;
+  }
+  memcpy (buf, out + in, len);
+  r = 0;
+ out:
+  free (cbuf);
+  return r;
+}
+
+/* A pending host read, grown while runs stay contiguous on the host. */
+struct pending {
+  uint8_t *buf;
+  uint64_t host, len;
+};
+
+static int
+issue (struct q2_image *img, struct pending *p)
+{
+  int r = 0;
+
+  if (p->len)
+    r = q2_io_pread (img->data_io, p->buf, p->len, p->host);
+  p->len = 0;
+  return r;
+}
+
+int
+q2_read (struct q2_image *img, void *buf, uint64_t count, uint64_t offset)
+{
+  struct pending p = { .len = 0 };
+  uint8_t *b = buf;
+
+  if (img->raw)
+    return q2_io_pread (img->io, buf, count, offset);
+  while (count > 0) {
+    struct q2_run run;
+    int r = 0;
+
+    if (q2_map (img, offset, count, &run) == -1)
+      return -1;
+    if (run.kind == Q2_DATA && p.len && p.host + p.len == run.host) {
+      p.len += run.len;
+      goto next;
+    }
+    if (issue (img, &p) == -1)
+      return -1;
+    switch (run.kind) {
+    case Q2_DATA:
+      p = (struct pending) { b, run.host, run.len };
+      break;
+    case Q2_ZERO:
+      memset (b, 0, run.len);
+      break;
+    case Q2_UNALLOC:
+      r = read_backing (img, b, run.len, offset);
+      break;
+    case Q2_COMPRESSED:
+      r = read_compressed (img, b, run.len, offset, run.cdesc);
+      break;
+    }
+    if (r == -1)
+      return -1;
+  next:
+    b += run.len;
+    offset += run.len;
+    count -= run.len;
+  }
+  return issue (img, &p);
+}
+
+static int
+raw_status (struct q2_image *img, uint64_t offset, uint64_t count,
+            uint64_t *len, unsigned *flags)
+{
+  bool data = true;
+
+  *len = count;
+  if (offset >= img->size) {
+    *flags = Q2_STATUS_HOLE | Q2_STATUS_ZERO;
+    return 0;
+  }
+  if (*len > img->size - offset)
+    *len = img->size - offset;
+  if (img->io->ops->data_status &&
+      img->io->ops->data_status (img->io, offset, *len, len, &data) == -1)
+    return -1;
+  *flags = data ? 0 : Q2_STATUS_HOLE | Q2_STATUS_ZERO;
+  return 0;
+}
+
+int
+q2_block_status (struct q2_image *img, uint64_t offset, uint64_t count,
+                 uint64_t *len, unsigned *flags)
+{
+  struct q2_run run;
+
+  if (img->raw)
+    return raw_status (img, offset, count, len, flags);
+  if (q2_map (img, offset, count, &run) == -1)
+    return -1;
+  *len = run.len;
+  switch (run.kind) {
+  case Q2_DATA:
+  case Q2_COMPRESSED:
+    *flags = 0;
+    return 0;
+  case Q2_ZERO:
+    *flags = Q2_STATUS_HOLE | Q2_STATUS_ZERO;
+    return 0;
+  case Q2_UNALLOC:
+    if (img->backing == NULL || offset >= img->backing->size) {
+      *flags = Q2_STATUS_HOLE | Q2_STATUS_ZERO;
+      return 0;
+    }
+    if (*len > img->backing->size - offset)
+      *len = img->backing->size - offset;
+    return q2_block_status (img->backing, offset, *len, len, flags);
+  }
+  return 0;
+}
