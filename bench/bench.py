@@ -163,6 +163,8 @@ class Bench:
     def __init__(self, cfg):
         self.cfg = cfg
         self.live = []
+        self.tools = []
+        self.cleaning = False
         self.nserver = 0
         if cfg.workdir:
             self.wd = cfg.workdir
@@ -213,6 +215,8 @@ class Bench:
             for s in self.live:
                 for p in s.procs:
                     f.write("%d\n" % p.pid)
+            for p in self.tools:
+                f.write("%d\n" % p.pid)
 
     def spawn(self, cmd, logpath):
         lf = open(logpath, "ab")
@@ -314,7 +318,31 @@ class Bench:
             except OSError:
                 pass
 
+    def run_tool(self, cmd, timeout):
+        """Run a client (fio, nbdcopy, qemu-img); on timeout or signal
+        ask it to stop (SIGTERM), then kill it."""
+        p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+        self.tools.append(p)
+        self.write_pids()
+        try:
+            out, _ = p.communicate(timeout=timeout)
+        except BaseException:
+            p.terminate()
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+            raise
+        finally:
+            self.tools.remove(p)
+            self.write_pids()
+        return subprocess.CompletedProcess(cmd, p.returncode, out, None)
+
     def cleanup(self):
+        self.cleaning = True
         for srv in list(self.live):
             try:
                 self.stop(srv)
@@ -471,7 +499,7 @@ class Bench:
                "--iodepth=%d" % c.iodepth, "--numjobs=%d" % c.numjobs,
                "--group_reporting", "--runtime=%d" % runtime,
                "--randseed=%d" % c.seed, "--random_generator=tausworthe64",
-               "--output-format=json", "--output=" + out]
+               "--thread", "--output-format=json", "--output=" + out]
         if wl.get("timed", True):
             cmd += ["--time_based", "--ramp_time=%d" % c.ramp]
         if wl["rw"].startswith("rand") and wl.get("norandommap", True):
@@ -480,9 +508,7 @@ class Bench:
             cmd.append("--end_fsync=1")
         if os.path.exists(out):
             os.unlink(out)
-        r = subprocess.run(cmd, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True,
-                           timeout=runtime + c.ramp + 300)
+        r = self.run_tool(cmd, runtime + c.ramp + 300)
         txt = ""
         if os.path.exists(out):
             with open(out) as f:
@@ -592,8 +618,11 @@ class Bench:
                         if c.copy_flush:
                             cmd.insert(1, "--flush")
                     t0 = time.monotonic()
-                    run(cmd, timeout=900)
+                    r = self.run_tool(cmd, 900)
                     dt = time.monotonic() - t0
+                    if r.returncode != 0:
+                        raise RuntimeError("%s failed (%d): %s" % (
+                            cmd[0], r.returncode, r.stdout[-300:]))
                     if rep == 0:
                         # A benchmark of wrong data is worthless.
                         r = subprocess.run(["cmp", "-s", data, out])
@@ -847,9 +876,11 @@ def main():
     bench = Bench(cfg)
 
     def on_signal(signum, frame):
-        raise SystemExit(128 + signum)
+        if not bench.cleaning:
+            raise SystemExit(128 + signum)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
 
     started = datetime.datetime.now(datetime.timezone.utc)
     mach, vers = machine_info(cfg), versions(cfg)

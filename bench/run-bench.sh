@@ -56,10 +56,20 @@ cleanup ()
     exit $rc
 }
 trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-trap 'exit 129' HUP
+
+# The driver runs in the background so that a signal to this script is
+# handled at once: it is passed on, and the driver stops its servers.
+on_signal ()
+{
+    kill -TERM "$driver" 2>/dev/null || :
+    wait "$driver" 2>/dev/null || :
+    exit $((128 + $1))
+}
+trap 'on_signal 1' HUP
+trap 'on_signal 2' INT
+trap 'on_signal 15' TERM
 
 export BENCH_WORKDIR="$workdir" BENCH_SRCDIR="$srcdir"
-# Not exec: the trap must run after the driver ends.
-"${PYTHON:-python3}" "$bench_dir/bench.py"
+"${PYTHON:-python3}" "$bench_dir/bench.py" &
+driver=$!
+wait "$driver"
