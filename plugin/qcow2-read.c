@@ -82,6 +82,18 @@ issue (struct q2_image *img, struct pending *p)
 int
 q2_read (struct q2_image *img, void *buf, uint64_t count, uint64_t offset)
 {
+  int r;
+
+  pthread_rwlock_rdlock (&img->io_lock);
+  r = q2_read_nolock (img, buf, count, offset);
+  pthread_rwlock_unlock (&img->io_lock);
+  return r;
+}
+
+int
+q2_read_nolock (struct q2_image *img, void *buf, uint64_t count,
+                uint64_t offset)
+{
   struct pending p = { .len = 0 };
   uint8_t *b = buf;
 
