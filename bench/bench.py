@@ -56,7 +56,7 @@ class Config:
         self.size = parse_size(get("SIZE", "1G", "128M"))
         self.wsize = parse_size(get("WSIZE", "2G", "256M"))
         self.reps = int(get("REPS", "3", "2"))
-        self.runtime = int(get("RUNTIME", "6", "1"))
+        self.runtime = int(get("RUNTIME", "5", "1"))
         self.ramp = int(get("RAMP", "1", "0"))
         self.iodepth = int(get("IODEPTH", "16", "16"))
         self.numjobs = int(get("NUMJOBS", "1", "1"))
@@ -115,8 +115,12 @@ class Config:
         }
 
 
+T0 = time.monotonic()
+
+
 def log(msg):
-    print(msg, file=sys.stderr, flush=True)
+    print("[%5.0fs] %s" % (time.monotonic() - T0, msg), file=sys.stderr,
+          flush=True)
 
 
 def run(cmd, **kw):
@@ -163,6 +167,7 @@ class Bench:
     def __init__(self, cfg):
         self.cfg = cfg
         self.live = []
+        self.dirty = True       # our files may have unwritten data
         self.tools = []
         self.cleaning = False
         self.nserver = 0
@@ -260,7 +265,9 @@ class Bench:
         """Start server KIND on IMG; ro: export read-only."""
         # Write back dirty pages left by earlier runs (and image
         # preparation) now, outside the timing, not during this run.
-        self.sync_files()
+        if self.dirty:
+            self.sync_files()
+            self.dirty = False
         self.nserver += 1
         sock = os.path.join(self.wd, "s%d-%s.sock" % (self.nserver, kind))
         logpath = os.path.join(self.logdir, "%s.log" % kind)
@@ -303,10 +310,16 @@ class Bench:
             raise
         return srv
 
-    def stop(self, srv):
+    def stop(self, srv, discard=False):
+        """Stop a server.  discard: its image is about to be deleted, so
+        kill it at once rather than have it flush gigabytes of data that
+        nobody will read to a shared disk."""
         for p in reversed(srv.procs):
             if p.poll() is None:
-                p.terminate()
+                if discard:
+                    p.kill()
+                else:
+                    p.terminate()
                 try:
                     p.wait(10)
                 except subprocess.TimeoutExpired:
@@ -558,16 +571,19 @@ class Bench:
         return list(servers[k:]) + list(servers[:k])
 
     def record(self, wid, kind, rep, value, extra=None, error=None):
+        now = time.monotonic()
+        took = now - getattr(self, "last_record", now)
+        self.last_record = now
         r = self.results[wid]["runs"].setdefault(kind, [])
         r.append({"rep": rep, "value": value, "error": error,
                   **(extra or {})})
         if error:
-            log("  [%s rep %d] %-8s n/a: %s" % (wid, rep + 1,
+            log("  [%s rep %d] %-8s (%4.1fs) n/a: %s" % (wid, rep + 1,
                                                self.LABEL.get(kind, kind),
-                                               error[:200]))
+                                               took, error[:200]))
         else:
-            log("  [%s rep %d] %-8s %.1f %s" % (
-                wid, rep + 1, self.LABEL.get(kind, kind), value,
+            log("  [%s rep %d] %-8s (%4.1fs) %.1f %s" % (
+                wid, rep + 1, self.LABEL.get(kind, kind), took, value,
                 self.results[wid]["unit"]))
 
     def fio_workload(self, wl):
@@ -579,6 +595,7 @@ class Bench:
         log("workload %s: %s" % (wid, wl["name"]))
         if not wl.get("fresh"):
             self.warm(self.img[wl["qcow2"]], self.img[wl["raw"]])
+        self.last_record = time.monotonic()
         for rep in range(c.reps):
             for kind in self.order(rep, self.SERVERS):
                 srv = None
@@ -598,13 +615,14 @@ class Bench:
                         img = self.img[wl["qcow2" if kind != "raw"
                                           else "raw"]]
                     srv = self.start(kind, img, wl["ro"])
+                    self.dirty = self.dirty or not wl["ro"]
                     m = self.fio(srv, wl)
                     self.record(wid, kind, rep, m[wl["metric"]], m)
                 except Exception as e:
                     self.record(wid, kind, rep, None, error=str(e))
                 finally:
                     if srv:
-                        self.stop(srv)
+                        self.stop(srv, discard=bool(tmp))
                     if tmp and os.path.exists(tmp):
                         os.unlink(tmp)
 
@@ -616,6 +634,7 @@ class Bench:
         log("workload h: full-image copy")
         src, data = self.img["full"], self.img["data"]
         self.warm(src, data)
+        self.last_record = time.monotonic()
         out = self.path("copy-out.raw")
         for rep in range(c.reps):
             for kind in self.order(rep, ("plugin", "qemu", "raw",
@@ -624,8 +643,9 @@ class Bench:
                 try:
                     if os.path.exists(out):
                         os.unlink(out)
-                    if kind == "qemu-img":
+                    if kind == "qemu-img" and self.dirty:
                         self.sync_files()
+                        self.dirty = False
                         cmd = ["qemu-img", "convert", "-f", "qcow2",
                                "-O", "raw", src, out]
                         if not c.copy_flush:
@@ -666,6 +686,7 @@ class Bench:
             "unit": "MiB", "better": "lower", "runs": {}}
         log("workload i: memory")
         self.warm(self.img["big"])
+        self.last_record = time.monotonic()
         wl = {"id": "i", "rw": "randread", "bs": "4k"}
         for rep in range(c.reps):
             for kind in self.order(rep, self.SERVERS):
