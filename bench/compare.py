@@ -11,6 +11,7 @@
 
 import json
 import os
+import signal
 import sys
 
 SERVERS = (("plugin", "plugin"), ("qemu", "qemu-nbd"), ("raw", "raw"),
@@ -52,6 +53,7 @@ def ratio(v):
 
 
 def main():
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     if len(sys.argv) != 3:
         sys.exit("usage: compare.py OLD NEW")
     noise = float(os.environ.get("NOISE", "5"))
