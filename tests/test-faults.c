@@ -34,7 +34,8 @@
  * environment: SEED; FAULTS_MAX_N (most N values per kind, 80),
  * FAULTS_OPS (workload length, 60), FAULTS_QEMU_READ_EVERY (read back
  * through qemu when N is a multiple, 4), FAULTS_TIMEOUT (seconds, 900),
- * VERBOSE, KEEP
+ * FAULTS_READS (set: preads made by the workload's requests are counted
+ * and failed too), VERBOSE, KEEP
  */
 
 #include <config.h>
@@ -88,6 +89,9 @@ static const struct kind kinds[] = {
 
 /* ---- the fault-injecting q2_io ---- */
 
+static size_t nops = 60;
+static bool fault_reads;        /* count and fail preads too */
+
 static struct {
   long calls, fail_at;          /* fail_at 0: never */
   int err;
@@ -119,6 +123,12 @@ fio_pread (struct q2_io *io, void *buf, size_t n, uint64_t off)
 {
   struct q2_io *in = ((struct fault_io *) io)->inner;
 
+  /* Optionally reads fail too, but only inside the workload. */
+  if (fault_reads && fs.cur_op >= 0 && (size_t) fs.cur_op < nops &&
+      inject ()) {
+    errno = fs.err;
+    return -1;
+  }
   return in->ops->pread (in, buf, n, off);
 }
 
@@ -210,7 +220,6 @@ log_error (const char *msg)
 
 static char tmpdir[256];
 static uint64_t seed;
-static size_t nops = 60;
 static long max_n = 80;
 static long qemu_read_every = 4;
 
@@ -627,6 +636,7 @@ main (int argc, char *argv[])
   seed = s && *s ? strtoull (s, NULL, 0) : (uint64_t) time (NULL) % 100000;
   if (getenv ("FAULTS_MAX_N"))
     max_n = atol (getenv ("FAULTS_MAX_N"));
+  fault_reads = getenv ("FAULTS_READS") != NULL;
   if (getenv ("FAULTS_OPS"))
     nops = atol (getenv ("FAULTS_OPS"));
   if (getenv ("FAULTS_QEMU_READ_EVERY"))

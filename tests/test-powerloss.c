@@ -46,6 +46,7 @@ struct kind {
   uint64_t l2_cache;            /* 0: default */
   uint64_t slack;               /* see fl_make_image_near_full */
   bool snapshot;                /* the start is also snapshot "s1" */
+  bool compress;                /* the starting data is compressed */
 };
 
 #define K(n, o, cl, sz) .name = n, .create_opts = o, .cluster = cl, .size = sz
@@ -60,6 +61,9 @@ static const struct kind kinds[] = {
        4 * MiB), .l2_cache = 8 * KiB, .slack = 24 * KiB },
   { K ("lazy", "compat=1.1,lazy_refcounts=on", 64 * KiB, 8 * MiB),
     .lazy = true },
+  { K ("extl2", "compat=1.1,extended_l2=on", 64 * KiB, 8 * MiB) },
+  /* Compressed clusters are replaced, never rewritten. */
+  { K ("compressed", "compat=1.1", 64 * KiB, 8 * MiB), .compress = true },
   /* Shared clusters and L2 tables: the snapshot must never change. */
   { K ("snapshot", "compat=1.1,cluster_size=4096", 4 * KiB, 4 * MiB),
     .snapshot = true },
@@ -287,8 +291,8 @@ test_kind (const struct kind *k)
   if ((k->slack ? fl_make_image_near_full (path, k->create_opts, k->size,
                                            k->slack, seed, initial, &tmpl,
                                            &tmpl_len)
-               : fl_make_image (path, k->create_opts, false, k->size, 0,
-                                seed, initial, &tmpl, &tmpl_len)) == -1)
+               : fl_make_image (path, k->create_opts, k->compress, k->size,
+                                0, seed, initial, &tmpl, &tmpl_len)) == -1)
     return -1;
   if (k->snapshot && fl_snapshot_create (path, "s1", &tmpl, &tmpl_len) == -1)
     return -1;
