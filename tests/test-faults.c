@@ -21,7 +21,8 @@
  *      successful flush.
  * The model of the guest disk is kept independently of the layer.
  * Lazy-refcounts images left dirty are repaired with qemu-img check -r
- * all before (c).  A kind with an internal snapshot also checks that
+ * all before (c).  A separate check ("flush-error") fails fdatasync
+ * itself, below the file q2_io: every later flush must fail too.  A kind with an internal snapshot also checks that
  * the snapshot still reads as the starting data.
  *
  * What it shows (see the per-kind summary lines): after a one-shot
@@ -46,6 +47,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -625,6 +627,83 @@ test_kind (const struct kind *k)
   return ret;
 }
 
+/* ---- a failed fdatasync ----
+ * Below the file q2_io: this definition replaces the C library's for
+ * the layer linked into this program.  On Linux a failed fdatasync may
+ * have dropped the dirty pages it could not write, and the next one
+ * succeeds without them, so a later flush must not claim durability.
+ */
+static int fdatasync_failures;  /* fail this many calls with EIO */
+
+int
+fdatasync (int fd)
+{
+  if (fdatasync_failures > 0) {
+    fdatasync_failures--;
+    errno = EIO;
+    return -1;
+  }
+  return syscall (SYS_fdatasync, fd);
+}
+
+static int
+test_flush_error_sticky (void)
+{
+  const struct kind *k = &kinds[0];
+  struct ctx c = { .k = k };
+  struct q2_open_opts opts = { 0 };
+  struct q2_image *img;
+  struct q2_io *io;
+  uint8_t data[4096];
+  int r1, r2, r3, e1, e2, rc;
+
+  if (make_start (&c) == -1 ||
+      fl_write_file (c.work, c.tmpl, c.tmpl_len) == -1)
+    return -1;
+  io = q2_io_file_open (c.work, false);
+  if (io == NULL || q2_open_io (io, &opts, &img) == -1) {
+    fprintf (stderr, "FAIL [flush error]: cannot open %s\n", c.work);
+    return -1;
+  }
+  memset (data, 0x42, sizeof data);
+  if (q2_write (img, data, sizeof data, 12345) == -1) {
+    fprintf (stderr, "FAIL [flush error]: write: %m\n");
+    q2_close (img);
+    return -1;
+  }
+  fdatasync_failures = 1;
+  r1 = q2_flush (img);
+  e1 = errno;
+  r2 = q2_flush (img);
+  e2 = errno;
+  r3 = q2_write (img, data, sizeof data, 2 * MiB + 7);
+  fdatasync_failures = 0;
+  q2_close (img);
+  rc = fl_qemu_check (c.work, c.log);
+  free (c.initial);
+  free (c.tmpl);
+  if (r1 != -1 || e1 != EIO) {
+    fprintf (stderr, "FAIL [flush error]: a flush whose fdatasync failed "
+             "returned %d (%s)\n", r1, strerror (e1));
+    return -1;
+  }
+  if (r2 != -1 || e2 != EIO) {
+    fprintf (stderr, "FAIL [flush error]: the flush after a failed fdatasync "
+             "returned %d (%s): writes the kernel may have dropped would "
+             "be reported durable\n", r2, r2 ? strerror (e2) : "success");
+    return -1;
+  }
+  if (r3 == -1 || (rc != 0 && rc != 3)) {
+    fprintf (stderr, "FAIL [flush error]: afterwards a write returned %d, "
+             "qemu-img check %d\n", r3, rc);
+    fl_print_file (c.log, 20);
+    return -1;
+  }
+  printf ("flush-error: after a failed fdatasync every later flush fails "
+          "with EIO; writes still work\n");
+  return 0;
+}
+
 int
 main (int argc, char *argv[])
 {
@@ -655,6 +734,15 @@ main (int argc, char *argv[])
   if (mkdtemp (tmpdir) == NULL) {
     perror ("mkdtemp");
     return 1;
+  }
+  {
+    bool want = argc < 2;
+
+    for (i = 1; i < argc; i++)
+      if (strcmp (argv[i], "flush-error") == 0)
+        want = true;
+    if (want && test_flush_error_sticky () == -1)
+      failed++;
   }
   for (j = 0; j < sizeof kinds / sizeof kinds[0]; j++) {
     bool want = argc < 2;

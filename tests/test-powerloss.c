@@ -539,8 +539,9 @@ test_kind (const struct kind *k)
   }
   printf ("%-8s %5zu writes, %3zu flushes logged; %3ld cut points, %4ld "
           "rebuilt files (%ld dropping writes), %ld qemu-img checks (%ld "
-          "with leaks), %ld qemu reads, %lds\n", k->name, rec.n - nfl, nfl, ncuts, nvariants,
-          ndropped, nchecks, nleaks, nqemu, (long) (time (NULL) - t0));
+          "with leaks), %ld qemu reads, %lds\n", k->name, rec.n - nfl, nfl,
+          ncuts, nvariants, ndropped, nchecks, nleaks, nqemu,
+          (long) (time (NULL) - t0));
   fflush (stdout);
   ret = 0;
 
