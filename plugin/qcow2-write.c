@@ -40,19 +40,24 @@
 
 #define ALL_SUBCLUSTERS UINT64_C (0xffffffff)
 
+/* The file size is a high-water mark of everything ever written: past
+ * it, clusters have never held data (see fresh_zeros).  A failed write
+ * raises it too, because a full disk may take part of a write first.
+ */
 int
 q2_write_file (struct q2_image *img, const void *buf, size_t n, uint64_t off)
 {
   uint64_t end = off + n, cur;
+  int r = img->io->ops->pwrite (img->io, buf, n, off);
+  int saved_errno = errno;
 
-  if (img->io->ops->pwrite (img->io, buf, n, off) == -1)
-    return -1;
   cur = __atomic_load_n (&img->file_size, __ATOMIC_ACQUIRE);
   while (end > cur &&
          !__atomic_compare_exchange_n (&img->file_size, &cur, end, false,
                                        __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
     ;
-  return 0;
+  errno = saved_errno;
+  return r;
 }
 
 static int
