@@ -449,7 +449,7 @@ test_discard (void)
 
 #define NTHREADS 8
 #define REGION_SLICES 48
-#define OPS_PER_THREAD 40000
+#define OPS_PER_THREAD 150000
 
 struct worker {
   pthread_t tid;
