@@ -49,6 +49,7 @@ struct q2_cache {
   size_t nbuckets;              /* a power of 2 */
   size_t hand;
   struct q2_cache *dep;
+  struct q2_io *barrier;
   uint64_t hits, misses, writebacks;
 };
 
@@ -112,6 +113,12 @@ void
 q2_cache_set_dependency (struct q2_cache *c, struct q2_cache *dep)
 {
   c->dep = dep;
+}
+
+void
+q2_cache_set_barrier (struct q2_cache *c, struct q2_io *io)
+{
+  c->barrier = io;
 }
 
 static size_t
@@ -332,11 +339,15 @@ flush_locked (struct q2_cache *c)
 
   if (!has_dirty (c))
     return 0;
-  if (c->dep) {
+  if (c->dep || c->barrier) {
     pthread_mutex_unlock (&c->lock);
-    r = q2_cache_flush (c->dep);
-    if (r == 0)
-      r = c->dep->io->ops->flush (c->dep->io);
+    if (c->dep) {
+      r = q2_cache_flush (c->dep);
+      if (r == 0)
+        r = c->dep->io->ops->flush (c->dep->io);
+    }
+    if (r == 0 && c->barrier)
+      r = c->barrier->ops->flush (c->barrier);
     pthread_mutex_lock (&c->lock);
     if (r == -1)
       return -1;

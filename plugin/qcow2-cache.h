@@ -38,6 +38,10 @@ extern int q2_cache_write (struct q2_cache *c, uint64_t off, const void *buf,
 extern int q2_cache_flush (struct q2_cache *c);
 /* Before c writes anything back, dep must be written back and flushed. */
 extern void q2_cache_set_dependency (struct q2_cache *c, struct q2_cache *dep);
+/* Before c writes anything back, io must be flushed (data the new
+ * entries point at must be stable first).
+ */
+extern void q2_cache_set_barrier (struct q2_cache *c, struct q2_io *io);
 /* Forget the slices of [off, off+len) without writing them back. */
 extern void q2_cache_discard (struct q2_cache *c, uint64_t off, uint64_t len);
 extern void q2_cache_stats (struct q2_cache *c, uint64_t *hits,

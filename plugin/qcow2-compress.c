@@ -28,7 +28,7 @@ q2_cdesc_decode (unsigned cluster_bits, uint64_t desc, uint64_t *host,
   *len = sectors * 512 - (*host & 511);
 }
 
-static pthread_key_t zlib_key, zstd_key;
+static pthread_key_t zlib_key, zstd_key, scratch_key[2];
 static pthread_once_t keys_once = PTHREAD_ONCE_INIT;
 
 static void
@@ -44,11 +44,41 @@ free_zstd (void *p)
   ZSTD_freeDCtx (p);
 }
 
+struct scratch {
+  size_t size;
+  unsigned char data[];
+};
+
 static void
 make_keys (void)
 {
   pthread_key_create (&zlib_key, free_zlib);
   pthread_key_create (&zstd_key, free_zstd);
+  pthread_key_create (&scratch_key[0], free);
+  pthread_key_create (&scratch_key[1], free);
+}
+
+/* Per-thread buffers for compressed data: cluster-sized mallocs would
+ * cross glibc's mmap threshold and fault in fresh pages every time.
+ */
+void *
+q2_scratch (unsigned which, size_t n)
+{
+  struct scratch *s;
+
+  pthread_once (&keys_once, make_keys);
+  s = pthread_getspecific (scratch_key[which]);
+  if (s && s->size >= n)
+    return s->data;
+  free (s);
+  s = malloc (sizeof *s + n);
+  pthread_setspecific (scratch_key[which], s);
+  if (s == NULL) {
+    errno = ENOMEM;
+    return NULL;
+  }
+  s->size = n;
+  return s->data;
 }
 
 static z_stream *

@@ -67,6 +67,14 @@
 #define QFEATURE_COMPAT       1
 #define QFEATURE_AUTOCLEAR    2
 
+/* Bitmap directory entries. */
+#define QBM_FLAGS            12
+#define QBM_NAME_SIZE        18
+#define QBM_EXTRA_SIZE       20
+#define QBM_FIXED_SIZE       24
+#define QBM_FLAG_IN_USE      1U
+#define QBM_MAX_DIR_BYTES    (64 * 1024 * 1024)
+
 /* L1 and L2 entries. */
 #define QCOW_OFLAG_COPIED      (1ULL << 63)
 #define QCOW_OFLAG_COMPRESSED  (1ULL << 62)

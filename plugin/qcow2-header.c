@@ -147,7 +147,14 @@ parse_extensions (const char *fname, const uint8_t *buf, uint64_t start,
       h->crypto_offset = get_be64 (data);
       h->crypto_length = get_be64 (data + 8);
       break;
-    default:                    /* bitmaps and unknown ones: skip */
+    case QEXT_BITMAPS:
+      if (len >= 24) {
+        h->nb_bitmaps = get_be32 (data);
+        h->bitmap_dir_size = get_be64 (data + 8);
+        h->bitmap_dir_offset = get_be64 (data + 16);
+      }
+      break;
+    default:                    /* unknown ones: skip, and keep */
       break;
     }
     off += 8 + (((uint64_t) len + 7) & ~UINT64_C (7));

@@ -77,6 +77,7 @@ static struct q2_image *
 new_image (struct q2_io *io)
 {
   struct q2_image *img = calloc (1, sizeof *img);
+  pthread_rwlockattr_t attr;
 
   if (img == NULL || (img->filename = strdup (io->name)) == NULL) {
     free (img);
@@ -86,6 +87,15 @@ new_image (struct q2_io *io)
   img->io = img->data_io = io;
   img->readonly = io->readonly;
   pthread_mutex_init (&img->lock, NULL);
+  pthread_cond_init (&img->inflight_cond, NULL);
+  pthread_rwlockattr_init (&attr);
+  /* Writer preference: a flush waiting to release clusters must not
+   * starve behind a stream of requests.
+   */
+  pthread_rwlockattr_setkind_np (&attr,
+                                 PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+  pthread_rwlock_init (&img->io_lock, &attr);
+  pthread_rwlockattr_destroy (&attr);
   return img;
 }
 
@@ -231,14 +241,22 @@ q2_close (struct q2_image *img)
 {
   if (img == NULL)
     return;
+  if (img->write_started)
+    q2_finish_writes (img);
   q2_close (img->backing);
   if (img->data_io != img->io)
     q2_io_close (img->data_io);
   q2_io_close (img->io);
   q2_cache_free (img->l2_cache);
+  q2_rc_free (img);
+  q2_meta_free (img);
+  free (img->pending);
+  free (img->inflight);
   q2_snapshot_free_table (img);
   q2_header_free (&img->h);
   pthread_mutex_destroy (&img->lock);
+  pthread_cond_destroy (&img->inflight_cond);
+  pthread_rwlock_destroy (&img->io_lock);
   free (img->l1);
   free (img->filename);
   free (img);
@@ -253,7 +271,26 @@ q2_size (const struct q2_image *img)
 bool
 q2_is_writable (const struct q2_image *img)
 {
-  return false;                 /* the write path is not there yet */
+  return !img->readonly && !img->corrupt;
+}
+
+void
+q2_log_stats (struct q2_image *img)
+{
+  uint64_t h, m, w;
+
+  for (; img; img = img->backing) {
+    if (img->l2_cache) {
+      q2_cache_stats (img->l2_cache, &h, &m, &w);
+      q2_debug ("%s: L2 cache: %" PRIu64 " hits, %" PRIu64 " misses, %"
+                PRIu64 " write-backs", img->filename, h, m, w);
+    }
+    if (img->rc_cache) {
+      q2_cache_stats (img->rc_cache, &h, &m, &w);
+      q2_debug ("%s: refcount cache: %" PRIu64 " hits, %" PRIu64 " misses, %"
+                PRIu64 " write-backs", img->filename, h, m, w);
+    }
+  }
 }
 
 const char *
@@ -274,7 +311,7 @@ q2_features (void)
     "qcow2_max_chain=32\n"
     "qcow2_snapshots=read\n"
     "qcow2_encryption=no\n"
-    "qcow2_write=no\n"
+    "qcow2_write=yes\n"
     "zstd_version=" ZSTD_VERSION_STRING "\n"
     "zlib_version=" ZLIB_VERSION;
 }

@@ -75,6 +75,8 @@ struct q2_header {
   char *backing_format;         /* NULL if not recorded */
   char *data_file_name;         /* NULL if none */
   uint64_t crypto_offset, crypto_length;
+  uint32_t nb_bitmaps;          /* from the bitmaps extension */
+  uint64_t bitmap_dir_size, bitmap_dir_offset;
 };
 
 /* Parse and validate the header in buf (the first cluster, or less if
@@ -90,6 +92,8 @@ extern int q2_header_peek_cluster_size (const uint8_t *buf, size_t n,
 
 /* ---- the image ---- */
 struct q2_cache;
+struct q2_meta_set;
+struct q2_range { uint64_t off, len; };
 
 struct q2_image {
   char *filename;
@@ -116,9 +120,37 @@ struct q2_image {
   struct q2_image *backing;     /* NULL if none */
   struct q2_snapshot *snaps;    /* the snapshot table */
   uint32_t nb_snaps;
+  uint64_t snap_table_len;      /* bytes */
   const char *snapshot;         /* non-NULL if serving a snapshot */
 
   pthread_mutex_t lock;         /* metadata lock (write path) */
+
+  /* Write state, set up by the first write (qcow2-write.c).  Every
+   * field below is protected by lock.
+   */
+  bool write_started;
+  bool bad_metadata;            /* the mapping found damage (atomic) */
+  bool corrupt;                 /* inconsistency found: no more writes */
+  bool lazy;                    /* lazy refcounts: dirty bit while open */
+  unsigned refcount_bits;
+  unsigned rb_bits;             /* log2 of refcounts per refcount block */
+  uint64_t *reftable;           /* host-endian */
+  uint64_t reftable_entries;
+  uint64_t reftable_offset;
+  struct q2_cache *rc_cache;    /* refcount blocks */
+  uint64_t free_hint;           /* no free cluster below this index */
+  uint64_t alloc_end;           /* cluster index past every allocation */
+  struct q2_meta_set *meta;     /* clusters holding metadata */
+  struct q2_range *pending;     /* frees waiting for a flush */
+  size_t n_pending, cap_pending;
+  uint64_t pending_done;        /* frees ever taken off the queue */
+  struct q2_range *inflight;    /* guest ranges being allocated */
+  size_t n_inflight, cap_inflight;
+  pthread_cond_t inflight_cond;
+  /* Data I/O holds this shared; applying frees holds it exclusive, so
+   * no request still uses a cluster when it becomes reusable.
+   */
+  pthread_rwlock_t io_lock;
 };
 
 /* ---- mapping (qcow2-map.c) ---- */
@@ -129,6 +161,7 @@ struct q2_run {
   uint64_t len;                 /* bytes of guest data in the run */
   uint64_t host;                /* Q2_DATA: host offset of the first byte */
   uint64_t cdesc;               /* Q2_COMPRESSED: the L2 descriptor */
+  bool copied;                  /* Q2_DATA: refcount 1, may write in place */
 };
 
 extern int q2_debug_map;
@@ -140,6 +173,10 @@ extern int q2_map (struct q2_image *img, uint64_t offset, uint64_t max,
 /* ---- compression (qcow2-compress.c) ---- */
 extern int q2_decompress (int type, const void *src, size_t srclen,
                           void *dst, size_t dstlen);
+/* A per-thread buffer of at least n bytes (which: 0 or 1), kept for
+ * reuse by the same thread.
+ */
+extern void *q2_scratch (unsigned which, size_t n);
 /* Host offset and byte length of a compressed cluster's data. */
 extern void q2_cdesc_decode (unsigned cluster_bits, uint64_t desc,
                              uint64_t *host, uint64_t *len);
@@ -177,5 +214,57 @@ extern int q2_open_qcow2 (struct q2_io *io, const struct q2_open_opts *opts,
 extern int q2_open_raw (struct q2_io *io, struct q2_image **img_out);
 extern int q2_load_l1 (struct q2_image *img, uint64_t offset, uint32_t size,
                        uint64_t **l1_out);
+
+/* ---- refcounts (qcow2-refcount.c), all under img->lock ---- */
+extern int q2_rc_init (struct q2_image *img);
+extern void q2_rc_free (struct q2_image *img);
+extern int q2_rc_get (struct q2_image *img, uint64_t cluster, uint64_t *rc);
+extern int q2_rc_add (struct q2_image *img, uint64_t cluster, int delta);
+extern int q2_rc_flush (struct q2_image *img);
+/* Give refcount range r a block (growing the table if needed). */
+extern int q2_rc_add_block (struct q2_image *img, uint64_t r);
+
+/* ---- allocation (qcow2-alloc.c), all under img->lock ---- */
+/* Up to n contiguous free clusters (at least one) with refcount 1. */
+extern int q2_alloc_clusters (struct q2_image *img, uint64_t n,
+                              uint64_t *host, uint64_t *got);
+/* Drop one reference to each cluster of [off, off+len) now: only for
+ * clusters nothing on disk points to.
+ */
+extern int q2_free_now (struct q2_image *img, uint64_t off, uint64_t len);
+/* Drop it once the removal of the pointer is on disk (at a flush). */
+extern int q2_free_later (struct q2_image *img, uint64_t off, uint64_t len);
+/* Apply the queued frees numbered below upto (counting every free ever
+ * queued), so that concurrent flushes never apply one twice.
+ */
+extern int q2_apply_frees (struct q2_image *img, uint64_t upto);
+extern int q2_meta_init (struct q2_image *img);
+extern void q2_meta_free (struct q2_image *img);
+extern int q2_meta_add (struct q2_image *img, uint64_t off, uint64_t len);
+extern void q2_meta_remove (struct q2_image *img, uint64_t off);
+/* Fail (and mark the image corrupt) if [off, off+len) holds metadata. */
+extern int q2_check_overlap (struct q2_image *img, uint64_t off,
+                             uint64_t len);
+
+/* ---- persistent bitmaps (qcow2-bitmap.c) ---- */
+/* Before the first write: flag every bitmap in use (inconsistent), as
+ * we do not track dirty blocks.  Returns 0 if the bitmaps bit may stay.
+ */
+extern int q2_bitmaps_mark_in_use (struct q2_image *img);
+
+/* ---- writing (qcow2-write.c) ---- */
+extern int q2_mark_corrupt (struct q2_image *img);
+/* Write to the image file and raise the known file size. */
+extern int q2_write_file (struct q2_image *img, const void *buf, size_t n,
+                          uint64_t off);
+/* Reading without taking io_lock, for the write path's copy-on-write. */
+extern int q2_finish_writes (struct q2_image *img);
+extern int q2_read_nolock (struct q2_image *img, void *buf, uint64_t count,
+                           uint64_t offset);
+/* Look up the L2 table for a guest offset (0 if none), validating it. */
+extern int q2_l1_lookup (struct q2_image *img, uint64_t offset,
+                         uint64_t *l2_off);
+extern int q2_write_l2_entry (struct q2_image *img, uint64_t l2_off,
+                              uint64_t idx, uint64_t entry, uint64_t bitmap);
 
 #endif /* QCOW2_INTERNAL_H */

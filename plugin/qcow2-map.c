@@ -18,7 +18,13 @@
 
 int q2_debug_map;
 
-#define CORRUPT(...) Q2_FAIL (EIO, __VA_ARGS__)
+/* Damaged metadata: fail the request, and let the write path know, so
+ * that it stops writing (see finish() in qcow2-write.c).
+ */
+#define CORRUPT(...) \
+  (__atomic_store_n (&((struct q2_image *) img)->bad_metadata, true, \
+                     __ATOMIC_RELEASE), \
+   Q2_FAIL (EIO, __VA_ARGS__))
 
 /* Largest number of entries one slice can hold (4 KiB of 8-byte entries). */
 #define MAX_SLICE_ENTRIES 512
@@ -117,6 +123,7 @@ classify (const struct q2_image *img, const uint8_t *e, uint64_t entry_off,
     }
     r->len = last * img->subcluster_size - in;
     r->host = host + in;
+    r->copied = (l2e & QCOW_OFLAG_COPIED) || ext_data;
     return 0;
   }
 
@@ -131,14 +138,15 @@ classify (const struct q2_image *img, const uint8_t *e, uint64_t entry_off,
   else {
     r->kind = Q2_DATA;
     r->host = host + in;
+    r->copied = (l2e & QCOW_OFLAG_COPIED) || ext_data;
     return check_host_cluster (img, host, entry_off, "L2 entry");
   }
   return 0;
 }
 
 /* Find the L2 table for guest offset; *l2_off is 0 if there is none. */
-static int
-l1_lookup (struct q2_image *img, uint64_t offset, uint64_t *l2_off)
+int
+q2_l1_lookup (struct q2_image *img, uint64_t offset, uint64_t *l2_off)
 {
   uint64_t idx = offset >> (img->cluster_bits + img->l2_bits);
   uint64_t l1e, entry_off = img->l1_offset + idx * 8;
@@ -168,7 +176,8 @@ extends (const struct q2_run *run, const struct q2_run *next)
 {
   if (next->kind != run->kind || run->kind == Q2_COMPRESSED)
     return false;
-  return run->kind != Q2_DATA || next->host == run->host + run->len;
+  return run->kind != Q2_DATA ||
+         (next->host == run->host + run->len && next->copied == run->copied);
 }
 
 int
@@ -181,7 +190,7 @@ q2_map (struct q2_image *img, uint64_t offset, uint64_t max,
 
   if (max > table_span - offset % table_span)
     max = table_span - offset % table_span;
-  if (l1_lookup (img, offset, &l2_off) == -1)
+  if (q2_l1_lookup (img, offset, &l2_off) == -1)
     return -1;
   if (l2_off == 0) {
     run->kind = Q2_UNALLOC;

@@ -155,13 +155,20 @@ qcow2_get_ready (void)
 static void
 qcow2_cleanup (void)
 {
+  if (qcow2_debug_cache && image)
+    q2_log_stats (image);
   q2_close (image);
   image = NULL;
 }
 
+/* A dirty image (lazy refcounts not written back) may be read, but a
+ * read-write connection is refused with a message saying how to repair.
+ */
 static void *
 qcow2_open (int readonly)
 {
+  if (!readonly && q2_is_writable (image) && q2_check_writable (image) == -1)
+    return NULL;
   return NBDKIT_HANDLE_NOT_NEEDED;
 }
 
@@ -177,6 +184,40 @@ qcow2_can_write (void *handle)
   return q2_is_writable (image);
 }
 
+static int
+qcow2_can_flush (void *handle)
+{
+  return 1;
+}
+
+static int
+qcow2_can_trim (void *handle)
+{
+  return 1;
+}
+
+static int
+qcow2_can_zero (void *handle)
+{
+  return 1;
+}
+
+static int
+qcow2_can_fast_zero (void *handle)
+{
+  return 1;
+}
+
+/* FUA is a flush after the write: q2_flush covers every connection. */
+static int
+qcow2_can_fua (void *handle)
+{
+  return NBDKIT_FUA_EMULATE;
+}
+
+/* One image and one set of caches serve every connection, so a flush
+ * on any connection makes every completed write durable.
+ */
 static int
 qcow2_can_multi_conn (void *handle)
 {
@@ -194,6 +235,37 @@ qcow2_pread (void *handle, void *buf, uint32_t count, uint64_t offset,
              uint32_t flags)
 {
   return q2_read (image, buf, count, offset);
+}
+
+static int
+qcow2_pwrite (void *handle, const void *buf, uint32_t count, uint64_t offset,
+              uint32_t flags)
+{
+  return q2_write (image, buf, count, offset);
+}
+
+static int
+qcow2_zero (void *handle, uint32_t count, uint64_t offset, uint32_t flags)
+{
+  unsigned f = 0;
+
+  if (flags & NBDKIT_FLAG_MAY_TRIM)
+    f |= Q2_ZERO_MAY_TRIM;
+  if (flags & NBDKIT_FLAG_FAST_ZERO)
+    f |= Q2_ZERO_FAST;
+  return q2_zero (image, count, offset, f);
+}
+
+static int
+qcow2_trim (void *handle, uint32_t count, uint64_t offset, uint32_t flags)
+{
+  return q2_trim (image, count, offset);
+}
+
+static int
+qcow2_flush (void *handle, uint32_t flags)
+{
+  return q2_flush (image);
 }
 
 static int
@@ -232,9 +304,18 @@ static struct nbdkit_plugin plugin = {
   .open              = qcow2_open,
   .get_size          = qcow2_get_size,
   .can_write         = qcow2_can_write,
+  .can_flush         = qcow2_can_flush,
+  .can_trim          = qcow2_can_trim,
+  .can_zero          = qcow2_can_zero,
+  .can_fast_zero     = qcow2_can_fast_zero,
+  .can_fua           = qcow2_can_fua,
   .can_multi_conn    = qcow2_can_multi_conn,
   .can_extents       = qcow2_can_extents,
   .pread             = qcow2_pread,
+  .pwrite            = qcow2_pwrite,
+  .zero              = qcow2_zero,
+  .trim              = qcow2_trim,
+  .flush             = qcow2_flush,
   .extents           = qcow2_extents,
   .errno_is_preserved = 1,
 };

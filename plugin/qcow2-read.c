@@ -32,34 +32,80 @@ read_backing (struct q2_image *img, uint8_t *buf, uint64_t len,
   return 0;
 }
 
-static int
-read_compressed (struct q2_image *img, uint8_t *buf, uint64_t len,
-                 uint64_t offset, uint64_t desc)
-{
-  uint64_t host, clen, in = offset & (img->cluster_size - 1);
-  uint8_t *cbuf, *out;
-  int r = -1;
+/* Compressed clusters that lie next to each other on the host are read
+ * with one pread, up to these limits.
+ */
+#define CBATCH_CLUSTERS 32
+#define CBATCH_BYTES (1024 * 1024)
 
-  q2_cdesc_decode (img->cluster_bits, desc, &host, &clen);
-  cbuf = malloc (clen + img->cluster_size);
-  if (cbuf == NULL)
+struct cpiece {
+  uint8_t *buf;                 /* destination */
+  uint64_t len, in;             /* bytes wanted, from offset in cluster */
+  uint64_t host, clen;
+};
+
+static int
+decompress_piece (struct q2_image *img, const struct cpiece *c,
+                  const uint8_t *src, uint64_t guest)
+{
+  bool whole = c->len == img->cluster_size;
+  uint8_t *out = whole ? c->buf : q2_scratch (1, img->cluster_size);
+
+  if (out == NULL)
     return Q2_FAIL (ENOMEM, "%s: malloc: %m", img->filename);
-  out = cbuf + clen;
-  if (q2_io_pread (img->io, cbuf, clen, host) == -1)
-    goto out;
-  if (q2_decompress (img->h.compression_type, cbuf, clen, out,
-                     img->cluster_size) == -1) {
-    q2_error ("%s: compressed cluster at host offset 0x%" PRIx64 " (guest "
-              "offset %" PRIu64 ") does not decompress", img->filename,
-              host, offset - in);
-    errno = EIO;
-    goto out;
+  if (q2_decompress (img->h.compression_type, src, c->clen, out,
+                     img->cluster_size) == -1)
+    return Q2_FAIL (EIO, "%s: compressed cluster at host offset 0x%" PRIx64
+                    " (guest offset %" PRIu64 ") does not decompress",
+                    img->filename, c->host, guest - c->in);
+  if (!whole)
+    memcpy (c->buf, out + c->in, c->len);
+  return 0;
+}
+
+/* Read and decompress the compressed run at offset and any compressed
+ * clusters after it that are adjacent on the host.  Sets *done.
+ */
+static int
+read_compressed (struct q2_image *img, uint8_t *buf, uint64_t count,
+                 uint64_t offset, const struct q2_run *first, uint64_t *done)
+{
+  struct cpiece c[CBATCH_CLUSTERS];
+  struct q2_run run = *first;
+  uint64_t lo = 0, hi = 0, i, n = 0;
+  uint8_t *src;
+
+  *done = 0;
+  for (;;) {
+    struct cpiece *p = &c[n];
+
+    q2_cdesc_decode (img->cluster_bits, run.cdesc, &p->host, &p->clen);
+    if (n > 0 && (p->host < lo || p->host > hi ||
+                  p->host + p->clen - lo > CBATCH_BYTES))
+      break;
+    p->buf = buf + *done;
+    p->len = run.len;
+    p->in = (offset + *done) & (img->cluster_size - 1);
+    if (n == 0)
+      lo = p->host;
+    if (p->host + p->clen > hi)
+      hi = p->host + p->clen;
+    *done += run.len;
+    if (++n == CBATCH_CLUSTERS || *done == count ||
+        q2_map (img, offset + *done, count - *done, &run) == -1 ||
+        run.kind != Q2_COMPRESSED)
+      break;
   }
-  memcpy (buf, out + in, len);
-  r = 0;
- out:
-  free (cbuf);
-  return r;
+  src = q2_scratch (0, hi - lo);
+  if (src == NULL)
+    return Q2_FAIL (ENOMEM, "%s: malloc: %m", img->filename);
+  if (q2_io_pread (img->io, src, hi - lo, lo) == -1)
+    return -1;
+  for (i = 0; i < n; i++)
+    if (decompress_piece (img, &c[i], src + (c[i].host - lo),
+                          offset + (c[i].buf - buf)) == -1)
+      return -1;
+  return 0;
 }
 
 /* A pending host read, grown while runs stay contiguous on the host. */
@@ -81,6 +127,18 @@ issue (struct q2_image *img, struct pending *p)
 
 int
 q2_read (struct q2_image *img, void *buf, uint64_t count, uint64_t offset)
+{
+  int r;
+
+  pthread_rwlock_rdlock (&img->io_lock);
+  r = q2_read_nolock (img, buf, count, offset);
+  pthread_rwlock_unlock (&img->io_lock);
+  return r;
+}
+
+int
+q2_read_nolock (struct q2_image *img, void *buf, uint64_t count,
+                uint64_t offset)
 {
   struct pending p = { .len = 0 };
   uint8_t *b = buf;
@@ -110,7 +168,7 @@ q2_read (struct q2_image *img, void *buf, uint64_t count, uint64_t offset)
       r = read_backing (img, b, run.len, offset);
       break;
     case Q2_COMPRESSED:
-      r = read_compressed (img, b, run.len, offset, run.cdesc);
+      r = read_compressed (img, b, count, offset, &run, &run.len);
       break;
     }
     if (r == -1)

@@ -59,7 +59,7 @@ parse_entry (struct q2_image *img, uint32_t i, uint64_t *off,
   if (extra >= 16)
     sn->disk_size = get_be64 (fixed + QSN_FIXED_SIZE + QSN_EXTRA_DISK_SIZE);
   len = QSN_FIXED_SIZE + (uint64_t) extra + id_len + name_len;
-  len = (len + 7) & ~UINT64_C (7);
+  /* The last entry's padding need not exist in the file. */
   if (start + len - img->h.snapshots_offset > MAX_TABLE_BYTES ||
       start + len > img->file_size)
     return BAD ("%s: snapshot table at file offset %" PRIu64 " runs past "
@@ -80,7 +80,7 @@ parse_entry (struct q2_image *img, uint32_t i, uint64_t *off,
   if (sn->id == NULL || sn->name == NULL)
     return Q2_FAIL (EIO, "%s: cannot read snapshot %" PRIu32, img->filename,
                     i);
-  *off = start + len;
+  *off = start + ((len + 7) & ~UINT64_C (7));
   return 0;
 }
 
@@ -100,6 +100,7 @@ q2_snapshot_load_table (struct q2_image *img)
     if (parse_entry (img, i, &off, &img->snaps[i]) == -1)
       return -1;
   }
+  img->snap_table_len = off - img->h.snapshots_offset;
   return 0;
 }
 

@@ -71,6 +71,21 @@ extern int q2_read (struct q2_image *img, void *buf, uint64_t count,
 extern int q2_block_status (struct q2_image *img, uint64_t offset,
                             uint64_t count, uint64_t *len, unsigned *flags);
 
+/* Writing.  q2_check_writable says why not (and reports it). */
+#define Q2_ZERO_MAY_TRIM 1      /* the range may be deallocated */
+#define Q2_ZERO_FAST 2          /* fail with ENOTSUP rather than write data */
+extern int q2_check_writable (const struct q2_image *img);
+extern int q2_write (struct q2_image *img, const void *buf, uint64_t count,
+                     uint64_t offset);
+extern int q2_zero (struct q2_image *img, uint64_t count, uint64_t offset,
+                    unsigned flags);
+extern int q2_trim (struct q2_image *img, uint64_t count, uint64_t offset);
+/* Make every completed write durable, from every connection. */
+extern int q2_flush (struct q2_image *img);
+
+/* Cache statistics of the whole chain, through the debug hook. */
+extern void q2_log_stats (struct q2_image *img);
+
 /* Describe the build for --dump-plugin. */
 extern const char *q2_features (void);
 
