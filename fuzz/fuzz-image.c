@@ -83,12 +83,12 @@ get_buf (unsigned which, uint64_t n)
   return n <= MAX_IO ? bufs[which] : NULL;
 }
 
-/* Read [off, off+len).  If that works, read the first VERIFY bytes of
- * it again in 512-byte pieces, which map and merge differently: every
+/* Read [off, off+len).  If that works, read its first VERIFY bytes
+ * again in 512-byte pieces, which map and merge differently: every
  * piece must work and match.  If zero is set (block status said ZERO),
  * the data must be zeros.
  */
-#define VERIFY (64 * 1024)
+#define VERIFY 8192
 
 static void
 do_read (struct q2_image *img, uint64_t off, uint64_t len, bool zero)
