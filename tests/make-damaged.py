@@ -3,6 +3,13 @@
 """Make damaged qcow2 images from good ones, for tests/test-damaged.sh.
 
 Usage: make-damaged.py SRCDIR OUTDIR > MANIFEST
+       make-damaged.py --metadata-clean IMAGE BYTE
+
+The second form checks, after a client wrote runs of BYTE to a damaged
+image, that no metadata cluster (header, L1 and L2 tables, refcount
+table and blocks, snapshot table and snapshot L1 tables) holds a run
+of 64 such bytes: guest data must never land in metadata, whatever the
+damaged entries say.
 
 SRCDIR holds images made by qemu-img/qemu-io (see test-damaged.sh):
   v2.qcow2, v3.qcow2   4 KiB clusters, 8 MiB, data at 0 and 4 MiB (64 KiB each)
@@ -35,7 +42,6 @@ COPIED = 1 << 63
 COMPRESSED = 1 << 62
 OFFSET_MASK = 0x00FFFFFFFFFFFE00
 
-src, out = sys.argv[1], sys.argv[2]
 manifest = []
 
 
@@ -123,6 +129,53 @@ class Image:
         manifest.append("\t".join(str(x) for x in (
             fname, kind, offset, length, good, pattern, args)))
 
+
+def metadata_clean(path, byte):
+    """Exit 1 if a metadata cluster of path holds 64 bytes of byte."""
+    src_dir, name = os.path.split(path)
+    global src
+    src = src_dir
+    i = Image(name)
+    cs, n = i.cs, len(i.b)
+    regions = [(0, "header cluster")]
+
+    def table(off, nbytes, what):
+        if off % cs or off >= n:
+            return
+        for c in range(off, min(off + nbytes, n), cs):
+            regions.append((c, what))
+
+    table(i.l1_offset, i.l1_size * 8, "L1 table")
+    table(i.reftable_offset, i.reftable_clusters * cs, "refcount table")
+    for k in range(min(i.reftable_clusters * cs, n - i.reftable_offset) // 8):
+        table(i.u64(i.reftable_offset + 8 * k) & ~0x1FF, cs, "refcount block")
+    l1s = [(i.l1_offset, i.l1_size)]
+    if i.nb_snapshots and i.snapshots_offset % cs == 0:
+        off = i.snapshots_offset
+        for k in range(min(i.nb_snapshots, 1024)):
+            if off + 40 > n:
+                break
+            l1s.append((i.u64(off), i.u32(off + 8)))
+            table(off - off % cs, cs, "snapshot table")
+            off += (40 + i.u32(off + 36) + i.u16(off + 12) + i.u16(off + 14)
+                    + 7) // 8 * 8
+    for l1_off, l1_size in l1s:
+        if l1_off % cs or l1_off >= n:
+            continue
+        table(l1_off, l1_size * 8, "L1 table")
+        for k in range(min(l1_size, (n - l1_off) // 8)):
+            table(i.u64(l1_off + 8 * k) & OFFSET_MASK, cs, "L2 table")
+    bad = bytes([byte]) * 64
+    for off, what in sorted(set(regions)):
+        if bad in i.b[off:off + cs]:
+            sys.exit("%s: guest data (0x%02x) was written into the %s at "
+                     "0x%x" % (name, byte, what, off))
+    sys.exit(0)
+
+
+if sys.argv[1] == "--metadata-clean":
+    metadata_clean(sys.argv[2], int(sys.argv[3], 0))
+src, out = sys.argv[1], sys.argv[2]
 
 MIB = 1024 * 1024
 GOOD = 4 * MIB          # the second data run of every base image

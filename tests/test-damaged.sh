@@ -11,7 +11,10 @@
 #   - fail the read of the damaged area, while a read elsewhere on the
 #     same connection still works, or (for damage a reader need not see)
 #   - just not crash;
-# and never crash, hang, trip a sanitizer or modify the image.
+# and never crash, hang, trip a sanitizer or modify the image.  Then
+# every image that can be served is written to (at the damaged offset
+# and elsewhere): the writes may fail, but guest data must never land
+# in a metadata cluster.
 
 [ -n "${BASH_VERSION:-}" ] || exec bash "$0" "$@"
 set -u
@@ -82,6 +85,21 @@ if mode == "good":
     buf = h.pread(4096, off)
     if buf != bytes([length]) * 4096:
         sys.exit("base image: wrong data at %d" % off)
+    h.shutdown()
+    sys.exit(0)
+
+if mode == "write":
+    # Guest data at the damaged offset: it may fail, but must never
+    # land in metadata (checked on the file afterwards).
+    for o in (off, good):
+        try:
+            h.pwrite(b"\xee" * 4096, o)
+        except nbd.Error as e:
+            print("write at %d failed: %s" % (o, e.string))
+    try:
+        h.flush()
+    except nbd.Error:
+        pass
     h.shutdown()
     sys.exit(0)
 
@@ -168,7 +186,7 @@ cp "$tmp/src/base.qcow2" "$tmp/d/"
 n=$(wc -l < "$tmp/manifest")
 [ "$n" -ge 100 ] || fail "make-damaged.py made only $n images"
 
-nopen=0 nread=0 nnocrash=0
+nopen=0 nread=0 nnocrash=0 nwrite=0
 while IFS=$'\t' read -r name kind off len good pat args; do
     img=$tmp/d/$name
     log=$tmp/d/$name.log
@@ -220,9 +238,24 @@ while IFS=$'\t' read -r name kind off len good pat args; do
         cat "$log" >&2
         fail "$name: the error does not mention '$pat'"
     fi
-    [ "$(cksum < "$img")" = "$before" ] || fail "$name: the image was modified"
+    [ "$(cksum < "$img")" = "$before" ] || fail "$name: reading modified the image"
     msg=$(grep -m1 -i 'error' "$log" | sed 's/^nbdkit: [^ ]* //')
     echo "ok: $name ($kind${msg:+: $msg})"
+
+    # Writes, where the image can be served: guest data written at the
+    # damaged offset and elsewhere must never land in metadata.
+    if [ "$kind" != open ]; then
+        r=0
+        run_plugin "$log.w" "$img" "${plugin_args[@]}" -- \
+            python3 "$tmp/probe.py" write '"$uri"' "$off" "$len" "$good" ||
+            r=$?
+        no_crash $r "$log.w" "$name (write)"
+        python3 "$srcdir/make-damaged.py" --metadata-clean "$img" 0xee ||
+            { cat "$log.w" >&2; fail "$name: a write reached metadata"; }
+        msg=$(grep -m1 -i 'error' "$log.w" | sed 's/^nbdkit: [^ ]* //')
+        echo "ok: $name (write${msg:+: $msg})"
+        nwrite=$((nwrite + 1))
+    fi
 done < "$tmp/manifest"
 
-echo "$progname: $nopen refused at open, $nread failed reads, $nnocrash no-crash cases: all passed"
+echo "$progname: $nopen refused at open, $nread failed reads, $nnocrash no-crash cases, $nwrite write probes: all passed"
