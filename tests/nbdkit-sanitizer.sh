@@ -8,7 +8,8 @@
 # preload it.  Leak detection is off for nbdkit itself, which does not
 # free everything at exit.  Commands started with --run must not
 # inherit the preload (qemu-img and qemu-io hang under ASan), so each
-# --run command starts by restoring the caller's LD_PRELOAD.
+# --run command starts by restoring the caller's LD_PRELOAD.  A small
+# shim is preloaded too, against a hang at exit under ASan.
 
 libasan='%LIBASAN%'
 case $libasan in
@@ -42,7 +43,11 @@ while [ $# -gt 0 ]; do
     esac
 done
 
-LD_PRELOAD=$libasan${LD_PRELOAD:+:$LD_PRELOAD} \
+# sanitizer-shim.so works around a hang at exit (see sanitizer-shim.c).
+shim=$self_dir/sanitizer-shim.so
+test -f "$shim" || { echo "$0: $shim is missing" >&2; exit 1; }
+
+LD_PRELOAD=$libasan:$shim${LD_PRELOAD:+:$LD_PRELOAD} \
 ASAN_OPTIONS=detect_leaks=0${ASAN_OPTIONS:+:$ASAN_OPTIONS} \
 UBSAN_OPTIONS=print_stacktrace=1${UBSAN_OPTIONS:+:$UBSAN_OPTIONS} \
     exec "$real" "${args[@]}"
