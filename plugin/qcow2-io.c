@@ -22,6 +22,7 @@
 struct file_io {
   struct q2_io io;
   int fd;
+  bool sync_failed;             /* an fdatasync failed: data may be lost */
 };
 
 static int
@@ -71,8 +72,17 @@ file_flush (struct q2_io *io)
 {
   struct file_io *f = (struct file_io *) io;
 
-  if (fdatasync (f->fd) == -1)
+  /* A failed fdatasync may have dropped the dirty pages it could not
+   * write, and the next one would succeed without them: never claim
+   * durability again.
+   */
+  if (__atomic_load_n (&f->sync_failed, __ATOMIC_ACQUIRE))
+    return Q2_FAIL (EIO, "%s: an earlier fdatasync failed; refusing to "
+                    "flush", io->name);
+  if (fdatasync (f->fd) == -1) {
+    __atomic_store_n (&f->sync_failed, true, __ATOMIC_RELEASE);
     return Q2_FAIL (errno, "%s: fdatasync: %m", io->name);
+  }
   return 0;
 }
 

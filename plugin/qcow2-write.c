@@ -123,7 +123,7 @@ begin_write (struct q2_image *img)
     img->h.incompat = incompat;
     img->h.autoclear = autoclear;
   }
-  img->write_started = true;
+  __atomic_store_n (&img->write_started, true, __ATOMIC_RELEASE);
   return 0;
 }
 
@@ -150,6 +150,8 @@ start (struct q2_image *img)
 
   if (q2_check_writable (img) == -1)
     return -1;
+  if (__atomic_load_n (&img->write_started, __ATOMIC_ACQUIRE))
+    return 0;
   pthread_mutex_lock (&img->lock);
   r = begin_write (img);
   pthread_mutex_unlock (&img->lock);
@@ -589,7 +591,9 @@ write_alloc (struct q2_image *img, const uint8_t *buf, uint64_t count,
     if ((p.old_alloc >> ((cow_end - 1 - p.g0) / p.unit)) & 1)
       cow_end = wend;
   }
-  r = guard (img, p.host + (cow_start - p.g0), cow_end - cow_start);
+  /* New clusters were checked against the metadata by the allocator. */
+  r = p.reuse ? guard (img, p.host + (cow_start - p.g0), cow_end - cow_start)
+              : 0;
   if (r == 0)
     r = write_cow (img, &p, buf, offset, wend, cow_start, cow_end);
 
@@ -644,15 +648,16 @@ write_nolock (struct q2_image *img, const uint8_t *buf, uint64_t count,
 static int
 finish (struct q2_image *img, int r)
 {
-  size_t n;
   int saved_errno = errno;
 
-  pthread_mutex_lock (&img->lock);
-  if (r == -1 && __atomic_load_n (&img->bad_metadata, __ATOMIC_ACQUIRE))
+  if (r == -1 && __atomic_load_n (&img->bad_metadata, __ATOMIC_ACQUIRE)) {
+    pthread_mutex_lock (&img->lock);
     q2_mark_corrupt (img);
-  n = img->n_pending;
-  pthread_mutex_unlock (&img->lock);
-  if (r == 0 && n > MAX_PENDING_FREES)
+    pthread_mutex_unlock (&img->lock);
+  }
+  /* A stale count only delays the flush to a later request. */
+  if (r == 0 &&
+      __atomic_load_n (&img->n_pending, __ATOMIC_RELAXED) > MAX_PENDING_FREES)
     r = q2_flush (img);
   if (r == -1)
     errno = saved_errno;
