@@ -127,6 +127,10 @@ classify (const struct q2_image *img, const uint8_t *e, uint64_t entry_off,
     return 0;
   }
 
+  if ((l2e & QCOW_OFLAG_ZERO) && img->h.version < 3)
+    return CORRUPT ("%s: L2 entry at file offset %" PRIu64 " has the zero "
+                    "flag (reserved in version 2 images) set", img->filename,
+                    entry_off);
   if (l2e & QCOW_OFLAG_ZERO)
     r->kind = Q2_ZERO;
   else if (host == 0 && !(ext_data && (l2e & QCOW_OFLAG_COPIED)))

@@ -15,7 +15,7 @@ set -u
 
 export LC_ALL=C
 # Debian's python3 carries the nbd module; nbdsh needs it.
-PATH=/usr/bin:/usr/sbin:$PATH
+PATH=${QCOW2_SANITIZER_BIN:+$QCOW2_SANITIZER_BIN:}/usr/bin:/usr/sbin:$PATH
 export PATH
 
 progname=${0##*/}

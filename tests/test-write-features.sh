@@ -3,7 +3,7 @@
 # Randomised qemu-io workloads through the plugin, checked against the
 # same workload on a raw file and by qemu-img check (see write-check.py).
 set -euo pipefail
-export PATH=/usr/bin:$PATH
+export PATH=${QCOW2_SANITIZER_BIN:+$QCOW2_SANITIZER_BIN:}/usr/bin:$PATH
 for c in qemu-img qemu-io nbdkit python3; do
   command -v $c >/dev/null || { echo "missing $c: skipped"; exit 77; }
 done

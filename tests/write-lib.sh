@@ -3,7 +3,7 @@
 # nbdkit whose log is kept, started and stopped explicitly.
 
 set -euo pipefail
-export PATH=/usr/bin:$PATH
+export PATH=${QCOW2_SANITIZER_BIN:+$QCOW2_SANITIZER_BIN:}/usr/bin:$PATH
 : "${PLUGIN:?PLUGIN must name the built plugin}"
 
 requires () {
