@@ -299,19 +299,27 @@ q2_free_now (struct q2_image *img, uint64_t off, uint64_t len)
 }
 
 int
-q2_free_later (struct q2_image *img, uint64_t off, uint64_t len)
+q2_range_push (struct q2_image *img, struct q2_range **v, size_t *n,
+               size_t *cap, uint64_t off, uint64_t len)
 {
-  if (img->n_pending == img->cap_pending) {
-    size_t cap = img->cap_pending ? img->cap_pending * 2 : 64;
-    struct q2_range *p = realloc (img->pending, cap * sizeof *p);
+  if (*n == *cap) {
+    size_t c = *cap ? *cap * 2 : 32;
+    struct q2_range *p = realloc (*v, c * sizeof *p);
 
     if (p == NULL)
       return Q2_FAIL (ENOMEM, "%s: malloc: %m", img->filename);
-    img->pending = p;
-    img->cap_pending = cap;
+    *v = p;
+    *cap = c;
   }
-  img->pending[img->n_pending++] = (struct q2_range) { off, len };
+  (*v)[(*n)++] = (struct q2_range) { off, len };
   return 0;
+}
+
+int
+q2_free_later (struct q2_image *img, uint64_t off, uint64_t len)
+{
+  return q2_range_push (img, &img->pending, &img->n_pending,
+                        &img->cap_pending, off, len);
 }
 
 static void

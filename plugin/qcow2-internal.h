@@ -232,6 +232,9 @@ extern int q2_alloc_clusters (struct q2_image *img, uint64_t n,
  * clusters nothing on disk points to.
  */
 extern int q2_free_now (struct q2_image *img, uint64_t off, uint64_t len);
+/* Append to a growable array of ranges. */
+extern int q2_range_push (struct q2_image *img, struct q2_range **v,
+                          size_t *n, size_t *cap, uint64_t off, uint64_t len);
 /* Drop it once the removal of the pointer is on disk (at a flush). */
 extern int q2_free_later (struct q2_image *img, uint64_t off, uint64_t len);
 /* Apply the queued frees numbered below upto (counting every free ever

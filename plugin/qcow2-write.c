@@ -187,17 +187,8 @@ wait_inflight (struct q2_image *img, uint64_t off, uint64_t len)
 static int
 inflight_add (struct q2_image *img, uint64_t off, uint64_t len)
 {
-  if (img->n_inflight == img->cap_inflight) {
-    size_t cap = img->cap_inflight ? img->cap_inflight * 2 : 32;
-    struct q2_range *p = realloc (img->inflight, cap * sizeof *p);
-
-    if (p == NULL)
-      return Q2_FAIL (ENOMEM, "%s: malloc: %m", img->filename);
-    img->inflight = p;
-    img->cap_inflight = cap;
-  }
-  img->inflight[img->n_inflight++] = (struct q2_range) { off, len };
-  return 0;
+  return q2_range_push (img, &img->inflight, &img->n_inflight,
+                        &img->cap_inflight, off, len);
 }
 
 static void
@@ -403,26 +394,18 @@ descriptor (uint64_t e)
   return e & ~(QCOW_OFLAG_COPIED | QCOW_OFLAG_COMPRESSED);
 }
 
-static uint64_t
-release_len (const struct q2_image *img, const struct owner *o, uint64_t desc)
+/* Drop our reference to the host cluster (or compressed bytes) that
+ * an entry owned, once the new entry is on disk.
+ */
+static int
+release_later (struct q2_image *img, const struct owner *o, uint64_t desc)
 {
-  uint64_t h, len;
+  uint64_t host, len;
 
   if (!o->compressed)
-    return img->cluster_size;
-  q2_cdesc_decode (img->cluster_bits, desc, &h, &len);
-  return len;
-}
-
-static uint64_t
-release_off (const struct q2_image *img, const struct owner *o, uint64_t desc)
-{
-  uint64_t h, len;
-
-  if (!o->compressed)
-    return o->host;
-  q2_cdesc_decode (img->cluster_bits, desc, &h, &len);
-  return h;
+    return q2_free_later (img, o->host, img->cluster_size);
+  q2_cdesc_decode (img->cluster_bits, desc, &host, &len);
+  return q2_free_later (img, host, len);
 }
 
 /* How many clusters after the first may share this allocation. */
@@ -535,8 +518,7 @@ link_plan (struct q2_image *img, const struct plan *p, uint64_t cow_start,
       return -1;
   }
   if (p->old.has_host && !p->reuse && img->data_io == img->io)
-    return q2_free_later (img, release_off (img, &p->old, old_desc),
-                          release_len (img, &p->old, old_desc));
+    return release_later (img, &p->old, old_desc);
   return 0;
 }
 
@@ -734,8 +716,7 @@ rewrite_table (struct q2_image *img, uint64_t g, uint64_t end,
     if (q2_write_l2_entry (img, l2_off, idx, nx.e, nx.bitmap) == -1)
       return -1;
     if (release &&
-        q2_free_later (img, release_off (img, &o, descriptor (x.e)),
-                       release_len (img, &o, descriptor (x.e))) == -1)
+        release_later (img, &o, descriptor (x.e)) == -1)
       return -1;
   }
   return 0;
