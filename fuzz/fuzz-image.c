@@ -14,9 +14,10 @@
  *   - a scan: block status from offset 0 on, reading the start of each
  *     extent (so that seeds without ops reach every kind of cluster);
  *     what status calls zero must read as zeros;
- *   - each op.  kind % 8: 0 read, 1 block status; 2-7 are reserved for
- *     the write path (write, write zeroes, trim, flush ...) and do
- *     nothing yet, so adding them later keeps old inputs meaningful.
+ *   - each op.  kind % 8: 0 read, 1 block status, and on a writable
+ *     image 2 write (bytes = arg; a write that works must read back),
+ *     3 write zeroes (arg bit 1 may trim, bit 2 fast; if it works the
+ *     range must read as zeros), 4 trim, 5 flush; 6-7 are reserved.
  *     The offset is taken modulo the virtual size; the length is
  *     length + 1 bytes, times 512 if arg bit 0 is set, clipped to the
  *     end of the disk and to 1 MiB.
@@ -24,8 +25,8 @@
  * pieces (different mapping runs, merges and cache slices); a mismatch,
  * or a block status outside its request, aborts like a crash.
  * flags: bit 0 serves snapshot "1" instead of the active layer; bit 1
- * gives a 4 KiB L2 cache instead of 64 KiB (more evictions).  Bit 2 is
- * reserved for opening read-write once writes exist.
+ * gives a 4 KiB L2 cache instead of 64 KiB (more evictions); bit 2
+ * opens the image read-write (the in-memory copy grows as needed).
  *
  * The same file builds the replay driver for compilers without
  * libFuzzer (-DQ2_FUZZ_REPLAY_MAIN): it runs each file named on the
@@ -48,10 +49,11 @@
 #define SCAN_CALLS 64
 #define SCAN_READ (64 * 1024)
 
-enum { OP_READ, OP_STATUS };
+enum { OP_READ, OP_STATUS, OP_WRITE, OP_ZERO, OP_TRIM, OP_FLUSH };
 
 #define FLAG_SNAPSHOT 1
 #define FLAG_TINY_CACHE 2
+#define FLAG_WRITABLE 4
 
 static int verbose;
 
@@ -121,6 +123,31 @@ do_read (struct q2_image *img, uint64_t off, uint64_t len, bool zero)
   }
 }
 
+/* A write or zero that worked must read back as what was written. */
+static void
+do_write (struct q2_image *img, uint64_t off, uint64_t len, int kind,
+          unsigned arg)
+{
+  uint8_t *buf = get_buf (0, len), *back = get_buf (1, len);
+  unsigned zflags = (arg & 2 ? Q2_ZERO_MAY_TRIM : 0) |
+                    (arg & 4 ? Q2_ZERO_FAST : 0);
+  int r;
+
+  if (buf == NULL || back == NULL || len == 0)
+    return;
+  memset (buf, kind == OP_WRITE ? arg : 0, len);
+  r = kind == OP_WRITE ? q2_write (img, buf, len, off)
+                       : q2_zero (img, len, off, zflags);
+  if (r == -1 || q2_read (img, back, len, off) == -1)
+    return;
+  if (memcmp (buf, back, len) != 0) {
+    fprintf (stderr, "fuzz: %s of %" PRIu64 " bytes at %" PRIu64
+             " does not read back\n", kind == OP_WRITE ? "write" : "zero",
+             len, off);
+    abort ();
+  }
+}
+
 /* Walk the status from off on, as a client would; every result must
  * be inside the request.  With read set, read the start of each extent.
  */
@@ -170,8 +197,9 @@ LLVMFuzzerTestOneInput (const uint8_t *data, size_t size)
   opts.l2_cache_bytes = flags & FLAG_TINY_CACHE ? 4096 : 65536;
   if (flags & FLAG_SNAPSHOT)
     opts.snapshot = "1";
+  opts.readonly = !(flags & FLAG_WRITABLE);
 
-  io = q2_io_mem_new ("fuzz.qcow2", data, img_len, true);
+  io = q2_io_mem_new ("fuzz.qcow2", data, img_len, opts.readonly);
   if (io == NULL)
     return 0;
   if (q2_open_io (io, &opts, &img) == -1) {
@@ -201,7 +229,17 @@ LLVMFuzzerTestOneInput (const uint8_t *data, size_t size)
     case OP_STATUS:
       do_status (img, off, len, false);
       break;
-    default:                    /* reserved for the write path */
+    case OP_WRITE:
+    case OP_ZERO:
+      do_write (img, off, len, kind, arg);
+      break;
+    case OP_TRIM:
+      q2_trim (img, len, off);
+      break;
+    case OP_FLUSH:
+      q2_flush (img);
+      break;
+    default:                    /* reserved */
       break;
     }
   }

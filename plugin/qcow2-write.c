@@ -105,8 +105,11 @@ begin_write (struct q2_image *img)
 
   if (img->write_started)
     return 0;
-  if (q2_rc_init (img) == -1 || q2_meta_init (img) == -1)
+  if (q2_rc_init (img) == -1 || q2_meta_init (img) == -1) {
+    q2_rc_free (img);           /* the next write starts from scratch */
+    q2_meta_free (img);
     return -1;
+  }
   if ((img->h.autoclear & QCOW2_AUTOCLEAR_BITMAPS) &&
       q2_bitmaps_mark_in_use (img) == 0)
     autoclear |= QCOW2_AUTOCLEAR_BITMAPS;
@@ -452,6 +455,7 @@ make_plan (struct q2_image *img, uint64_t offset, uint64_t end,
    * in place like any owned cluster, never copy over its data.
    */
   p->in_place = p->reuse &&
+    ((x.e & QCOW_OFLAG_COPIED) || img->data_io != img->io) &&
     (img->extl2 ? (p->old_alloc >> ((offset - p->g0) / img->subcluster_size)) & 1
                 : !(x.e & QCOW_OFLAG_ZERO));
   if (p->in_place)
@@ -617,11 +621,19 @@ static int
 write_nolock (struct q2_image *img, const uint8_t *buf, uint64_t count,
               uint64_t offset)
 {
+  unsigned stalls = 0;
+
   while (count > 0) {
     int64_t n = write_some (img, buf, count, offset);
 
     if (n == -1)
       return -1;
+    /* A retry after a wait makes progress next time; never spin. */
+    if (n == 0 && ++stalls > 3)
+      return Q2_FAIL (EIO, "%s: write at guest offset %" PRIu64 " makes "
+                      "no progress", img->filename, offset);
+    if (n > 0)
+      stalls = 0;
     buf += n;
     offset += n;
     count -= n;
