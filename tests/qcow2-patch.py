@@ -7,6 +7,9 @@ set-l2 IMG GUEST_CLUSTER HOST point the L2 entry of a guest cluster at HOST
                               (with the COPIED flag)
 set-incompat IMG BITS         OR BITS into incompatible_features
 get IMG OFFSET LEN            print LEN bytes at OFFSET as hex
+set-autoclear IMG BITS        OR BITS into autoclear_features
+add-ext IMG MAGIC HEX         add a header extension before the end mark
+exts IMG                      print each header extension's magic and data
 """
 
 import struct
@@ -33,6 +36,21 @@ def l2_entry_offset(f, h, guest_cluster):
     return l2 + 8 * (guest_cluster % per_l2)
 
 
+def extensions(f):
+    """(offset, magic, data) of each header extension, and the end mark's
+    offset."""
+    f.seek(100)
+    off = struct.unpack(">I", f.read(4))[0]
+    out = []
+    while True:
+        f.seek(off)
+        magic, length = struct.unpack(">II", f.read(8))
+        if magic == 0:
+            return out, off
+        out.append((off, magic, f.read(length)))
+        off += 8 + (length + 7) // 8 * 8
+
+
 def main():
     cmd, img = sys.argv[1], sys.argv[2]
     with open(img, "r+b") as f:
@@ -49,6 +67,21 @@ def main():
         elif cmd == "set-incompat":
             f.seek(72)
             f.write(struct.pack(">Q", h["incompat"] | int(sys.argv[3])))
+        elif cmd == "set-autoclear":
+            f.seek(88)
+            v = struct.unpack(">Q", f.read(8))[0]
+            f.seek(88)
+            f.write(struct.pack(">Q", v | int(sys.argv[3])))
+        elif cmd == "add-ext":
+            _, end = extensions(f)
+            data = bytes.fromhex(sys.argv[4])
+            pad = (len(data) + 7) // 8 * 8 - len(data)
+            f.seek(end)
+            f.write(struct.pack(">II", int(sys.argv[3], 0), len(data)) +
+                    data + bytes(pad) + bytes(8))
+        elif cmd == "exts":
+            for _, magic, data in extensions(f)[0]:
+                print(f"0x{magic:08x} {data.hex()}")
         elif cmd == "get":
             f.seek(int(sys.argv[3]))
             print(f.read(int(sys.argv[4])).hex())

@@ -93,3 +93,24 @@ bm = json.load(sys.stdin)["format-specific"]["data"].get("bitmaps", [])
 print(sum("in-use" in b["flags"] for b in bm) if len(bm) == 2 else -1)')
 [ "$n" = 2 ] || { echo "bitmaps not flagged in use after a write ($n)"; exit 1; }
 echo "ok: bitmaps flagged in use by the first write, no leaks"
+
+# 6. The first write clears unknown autoclear bits and keeps unknown
+# header extensions.
+fresh
+$patch set-autoclear "$img" $((1 << 20))
+$patch add-ext "$img" 0x7a7a0001 0123456789abcdef42
+$patch exts "$img" > "$scratch/exts.before"
+grep -q "^0x7a7a0001 0123456789abcdef42$" "$scratch/exts.before" ||
+  { echo "the test could not add its extension"; exit 1; }
+nbdkit -U - "$PLUGIN" file="$img" --run '
+  nbdsh -u "$uri" -c "h.pwrite(b\"\\x02\" * 4096, 40 << 20)"'
+check_clean "$img"
+$patch exts "$img" > "$scratch/exts.after"
+cmp -s "$scratch/exts.before" "$scratch/exts.after" ||
+  { echo "header extensions changed:"; diff "$scratch/exts.before" "$scratch/exts.after"; exit 1; }
+autoclear=$(python3 -c 'import struct,sys
+f = open(sys.argv[1], "rb"); f.seek(88)
+print(struct.unpack(">Q", f.read(8))[0])' "$img")
+[ $((autoclear & (1 << 20))) -eq 0 ] ||
+  { echo "unknown autoclear bit still set after a write"; exit 1; }
+echo "ok: unknown autoclear bit cleared, unknown header extension kept"
