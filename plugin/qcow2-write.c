@@ -105,21 +105,14 @@ begin_write (struct q2_image *img)
 
   if (img->write_started)
     return 0;
-  if (q2_rc_init (img) == -1 || q2_meta_init (img) == -1) {
-    q2_rc_free (img);           /* the next write starts from scratch */
-    q2_meta_free (img);
-    return -1;
-  }
+  if (q2_rc_init (img) == -1 || q2_meta_init (img) == -1)
+    goto fail;
   if ((img->h.autoclear & QCOW2_AUTOCLEAR_BITMAPS) &&
       q2_bitmaps_mark_in_use (img) == 0)
     autoclear |= QCOW2_AUTOCLEAR_BITMAPS;
   img->alloc_end = (img->file_size + img->cluster_size - 1)
                    >> img->cluster_bits;
   img->lazy = img->h.compat & QCOW2_COMPAT_LAZY_REFCOUNTS;
-  if (!img->lazy)
-    q2_cache_set_dependency (img->l2_cache, img->rc_cache);
-  if (img->lazy || img->data_io != img->io)
-    q2_cache_set_barrier (img->l2_cache, img->data_io);
   if (img->lazy)
     incompat |= QCOW2_INCOMPAT_DIRTY;
   if (img->h.version >= 3 &&
@@ -127,12 +120,21 @@ begin_write (struct q2_image *img)
     if (write_header_u64 (img, QH_INCOMPAT, incompat) == -1 ||
         write_header_u64 (img, QH_AUTOCLEAR, autoclear) == -1 ||
         img->io->ops->flush (img->io) == -1)
-      return -1;
+      goto fail;
     img->h.incompat = incompat;
     img->h.autoclear = autoclear;
   }
+  if (!img->lazy)
+    q2_cache_set_dependency (img->l2_cache, img->rc_cache);
+  if (img->lazy || img->data_io != img->io)
+    q2_cache_set_barrier (img->l2_cache, img->data_io);
   __atomic_store_n (&img->write_started, true, __ATOMIC_RELEASE);
   return 0;
+
+ fail:
+  q2_rc_free (img);             /* the next write starts from scratch */
+  q2_meta_free (img);
+  return -1;
 }
 
 int
