@@ -575,24 +575,46 @@ fl_make_image_near_full (const char *path, const char *create_opts,
                          uint64_t size, uint64_t slack, uint64_t seed,
                          uint8_t *initial, uint8_t **file, size_t *file_len)
 {
-  int64_t dense = 0, left;
+  uint64_t lo = 0, hi = size, dense = 0, best = 0;
+  int64_t left, best_dist = INT64_MAX;
+  uint32_t table0 = 0, table;
   int tries;
 
-  for (tries = 0; tries < 12; tries++) {
+  /* Bisect on the size of the dense part: more data leaves less room,
+   * until qemu-img makes the refcount table bigger, which must not
+   * happen.
+   */
+  for (tries = 0; tries < 16; tries++) {
+    int64_t dist;
+
     if (fl_make_image (path, create_opts, false, size, dense, seed, initial,
                        file, file_len) == -1)
       return -1;
     left = reftable_slack (*file, *file_len);
-    if (left >= (int64_t) slack / 2 && left <= (int64_t) slack * 3 / 2)
-      return 0;
-    dense += left - (int64_t) slack;
-    if (dense < 0)
-      dense = 0;
-    if (dense > (int64_t) size)
-      dense = size;
+    table = get_be32 (*file + 56);
     free (*file);
+    *file = NULL;
+    if (tries == 0)
+      table0 = table;
+    dist = left > (int64_t) slack ? left - (int64_t) slack
+                                  : (int64_t) slack - left;
+    if (table == table0 && left >= 0 && dist < best_dist) {
+      best_dist = dist;
+      best = dense;
+    }
+    if (table == table0 && left >= (int64_t) slack / 2 &&
+        left <= (int64_t) slack * 3 / 2)
+      break;
+    if (table == table0 && left > (int64_t) slack)
+      lo = dense;
+    else
+      hi = dense;
+    dense = (lo + hi) / 2;
   }
-  fprintf (stderr, "cannot make %s with %" PRIu64 " bytes left before its "
-           "refcount table is full (%" PRId64 ")\n", path, slack, left);
-  return -1;
+  if (tries == 16)
+    fprintf (stderr, "note: %s has %" PRId64 " bytes, not about %" PRIu64
+             ", left before its refcount table is full\n", path,
+             best_dist + (int64_t) slack, slack);
+  return fl_make_image (path, create_opts, false, size, best, seed, initial,
+                        file, file_len);
 }
