@@ -252,8 +252,9 @@ check_span (struct q2_cache *c, uint64_t off, size_t n)
   return 0;
 }
 
-int
-q2_cache_read (struct q2_cache *c, uint64_t off, void *buf, size_t n)
+/* Copy between buf and [off, off+n) of a slice; writing marks it dirty. */
+static int
+copy_slice (struct q2_cache *c, uint64_t off, void *buf, size_t n, bool write)
 {
   uint64_t key = off - off % c->slice_size;
   int32_t i;
@@ -262,28 +263,26 @@ q2_cache_read (struct q2_cache *c, uint64_t off, void *buf, size_t n)
     return -1;
   pthread_mutex_lock (&c->lock);
   i = get_slot (c, key);
-  if (i >= 0)
+  if (i >= 0 && write) {
+    memcpy (c->slots[i].data + (off - key), buf, n);
+    c->slots[i].dirty = true;
+  }
+  else if (i >= 0)
     memcpy (buf, c->slots[i].data + (off - key), n);
   pthread_mutex_unlock (&c->lock);
   return i >= 0 ? 0 : -1;
 }
 
 int
+q2_cache_read (struct q2_cache *c, uint64_t off, void *buf, size_t n)
+{
+  return copy_slice (c, off, buf, n, false);
+}
+
+int
 q2_cache_write (struct q2_cache *c, uint64_t off, const void *buf, size_t n)
 {
-  uint64_t key = off - off % c->slice_size;
-  int32_t i;
-
-  if (check_span (c, off, n) == -1)
-    return -1;
-  pthread_mutex_lock (&c->lock);
-  i = get_slot (c, key);
-  if (i >= 0) {
-    memcpy (c->slots[i].data + (off - key), buf, n);
-    c->slots[i].dirty = true;
-  }
-  pthread_mutex_unlock (&c->lock);
-  return i >= 0 ? 0 : -1;
+  return copy_slice (c, off, (void *) buf, n, true);
 }
 
 /* Write one dirty slot back from a private copy, so that updates may
