@@ -17,6 +17,7 @@
 #include <nbdkit-plugin.h>
 
 #include "qcow2.h"
+#include "qcow2-params.h"
 
 #define THREAD_MODEL NBDKIT_THREAD_MODEL_PARALLEL
 
@@ -26,10 +27,6 @@ NBDKIT_DLL_PUBLIC int qcow2_debug_cache = 0;
 extern int q2_debug_map;
 
 static char *filename;
-static char *backing;
-static char *data_file;
-static char *snapshot;
-static struct q2_open_opts opts;
 static struct q2_image *image;
 
 static void
@@ -54,64 +51,25 @@ static void
 qcow2_unload (void)
 {
   free (filename);
-  free (backing);
-  free (data_file);
-  free (snapshot);
-}
-
-/* backing= and data-file= are relative to the current directory. */
-static int
-config_path (char **out, const char *value)
-{
-  free (*out);
-  *out = nbdkit_absolute_path (value);
-  return *out ? 0 : -1;
+  q2_params_free ();
 }
 
 static int
 qcow2_config (const char *key, const char *value)
 {
+  int r;
+
   if (strcmp (key, "file") == 0) {
     free (filename);
     filename = nbdkit_realpath (value);
     return filename ? 0 : -1;
   }
-  if (strcmp (key, "backing") == 0) {
-    if (strcmp (value, "none") == 0) {
-      free (backing);
-      backing = strdup ("none");
-      return backing ? 0 : -1;
-    }
-    return config_path (&backing, value);
+  r = q2_params_config (key, value);
+  if (r == 1) {
+    nbdkit_error ("unknown parameter '%s'", key);
+    return -1;
   }
-  if (strcmp (key, "backing-format") == 0) {
-    if (strcmp (value, "raw") != 0 && strcmp (value, "qcow2") != 0) {
-      nbdkit_error ("backing-format must be raw or qcow2, not '%s'", value);
-      return -1;
-    }
-    opts.backing_format = value;  /* nbdkit keeps value alive */
-    return 0;
-  }
-  if (strcmp (key, "data-file") == 0)
-    return config_path (&data_file, value);
-  if (strcmp (key, "snapshot") == 0) {
-    free (snapshot);
-    snapshot = strdup (value);
-    return snapshot ? 0 : -1;
-  }
-  if (strcmp (key, "l2-cache-size") == 0) {
-    int64_t r = nbdkit_parse_size (value);
-    if (r == -1)
-      return -1;
-    if (r < 4096) {
-      nbdkit_error ("l2-cache-size must be at least 4K");
-      return -1;
-    }
-    opts.l2_cache_bytes = r;
-    return 0;
-  }
-  nbdkit_error ("unknown parameter '%s'", key);
-  return -1;
+  return r;
 }
 
 static int
@@ -121,19 +79,12 @@ qcow2_config_complete (void)
     nbdkit_error ("you must supply the file=<FILENAME> parameter");
     return -1;
   }
-  opts.backing = backing;
-  opts.data_file = data_file;
-  opts.snapshot = snapshot;
-  return 0;
+  return q2_params_complete ();
 }
 
 #define qcow2_config_help \
   "[file=]<FILENAME>     (required) The qcow2 image to serve.\n" \
-  "backing=<PATH>|none   Override the backing file named in the image.\n" \
-  "backing-format=raw|qcow2  Format of the backing file (never probed).\n" \
-  "data-file=<PATH>      Override the external data file.\n" \
-  "snapshot=<ID|NAME>    Export an internal snapshot, read-only.\n" \
-  "l2-cache-size=<SIZE>  L2 metadata cache budget (default 32M)."
+  Q2_PARAMS_HELP ("")
 
 static void
 qcow2_dump_plugin (void)
@@ -149,7 +100,7 @@ static int
 qcow2_get_ready (void)
 {
   q2_debug_map = qcow2_debug_map;
-  return q2_open (filename, &opts, &image);
+  return q2_open (filename, &q2_params.opts, &image);
 }
 
 static void

@@ -1,0 +1,92 @@
+/* nbdkit-qcow2: parameters shared by the plugin and the filter.
+ * SPDX-License-Identifier: BSD-3-Clause
+ */
+
+#include <config.h>
+
+#include <stdlib.h>
+#include <string.h>
+
+#define NBDKIT_API_VERSION 2
+#include <nbdkit-plugin.h>
+
+#include "qcow2-params.h"
+
+struct q2_params q2_params;
+
+/* backing= and data-file= are relative to the current directory. */
+static int
+config_path (char **out, const char *value)
+{
+  free (*out);
+  *out = nbdkit_absolute_path (value);
+  return *out ? 0 : -1;
+}
+
+static int
+config_string (char **out, const char *value)
+{
+  free (*out);
+  *out = strdup (value);
+  if (*out == NULL) {
+    nbdkit_error ("strdup: %m");
+    return -1;
+  }
+  return 0;
+}
+
+int
+q2_params_config (const char *key, const char *value)
+{
+  struct q2_params *p = &q2_params;
+
+  if (strcmp (key, "backing") == 0) {
+    if (strcmp (value, "none") == 0)
+      return config_string (&p->backing, value);
+    return config_path (&p->backing, value);
+  }
+  if (strcmp (key, "backing-format") == 0) {
+    if (strcmp (value, "raw") != 0 && strcmp (value, "qcow2") != 0) {
+      nbdkit_error ("backing-format must be raw or qcow2, not '%s'", value);
+      return -1;
+    }
+    p->opts.backing_format = value;  /* nbdkit keeps value alive */
+    return 0;
+  }
+  if (strcmp (key, "data-file") == 0)
+    return config_path (&p->data_file, value);
+  if (strcmp (key, "snapshot") == 0)
+    return config_string (&p->snapshot, value);
+  if (strcmp (key, "l2-cache-size") == 0) {
+    int64_t r = nbdkit_parse_size (value);
+    if (r == -1)
+      return -1;
+    if (r < 4096) {
+      nbdkit_error ("l2-cache-size must be at least 4K");
+      return -1;
+    }
+    p->opts.l2_cache_bytes = r;
+    return 0;
+  }
+  return 1;
+}
+
+int
+q2_params_complete (void)
+{
+  struct q2_params *p = &q2_params;
+
+  p->opts.backing = p->backing;
+  p->opts.data_file = p->data_file;
+  p->opts.snapshot = p->snapshot;
+  return 0;
+}
+
+void
+q2_params_free (void)
+{
+  free (q2_params.backing);
+  free (q2_params.data_file);
+  free (q2_params.snapshot);
+  memset (&q2_params, 0, sizeof q2_params);
+}
