@@ -14,6 +14,15 @@
 
 struct q2_params q2_params;
 
+static void
+wipe_free (char *secret)
+{
+  if (secret) {
+    explicit_bzero (secret, strlen (secret));
+    free (secret);
+  }
+}
+
 /* backing= and data-file= are relative to the current directory. */
 static int
 config_path (char **out, const char *value)
@@ -33,6 +42,15 @@ config_string (char **out, const char *value)
     return -1;
   }
   return 0;
+}
+
+/* nbdkit's forms: the secret itself, "-" to prompt, "+FILE", "-FD". */
+static int
+config_password (char **out, const char *value)
+{
+  wipe_free (*out);
+  *out = NULL;
+  return nbdkit_read_password (value, out);
 }
 
 int
@@ -68,6 +86,10 @@ q2_params_config (const char *key, const char *value)
     p->opts.l2_cache_bytes = r;
     return 0;
   }
+  if (strcmp (key, "password") == 0)
+    return config_password (&p->password, value);
+  if (strcmp (key, "backing-password") == 0)
+    return config_password (&p->backing_password, value);
   return 1;
 }
 
@@ -79,6 +101,8 @@ q2_params_complete (void)
   p->opts.backing = p->backing;
   p->opts.data_file = p->data_file;
   p->opts.snapshot = p->snapshot;
+  p->opts.password = p->password;
+  p->opts.backing_password = p->backing_password;
   return 0;
 }
 
@@ -88,5 +112,7 @@ q2_params_free (void)
   free (q2_params.backing);
   free (q2_params.data_file);
   free (q2_params.snapshot);
+  wipe_free (q2_params.password);
+  wipe_free (q2_params.backing_password);
   memset (&q2_params, 0, sizeof q2_params);
 }

@@ -15,6 +15,8 @@ struct q2_params {
   char *backing;
   char *data_file;
   char *snapshot;
+  char *password;               /* wiped before it is freed */
+  char *backing_password;
   struct q2_open_opts opts;     /* points into the fields above */
 };
 
@@ -34,6 +36,9 @@ extern void q2_params_free (void);
   p "backing-format=raw|qcow2  Format of the backing file (never probed).\n" \
   p "data-file=<PATH>      Override the external data file.\n" \
   p "snapshot=<ID|NAME>    Export an internal snapshot, read-only.\n" \
-  p "l2-cache-size=<SIZE>  L2 metadata cache budget (default 32M)."
+  p "l2-cache-size=<SIZE>  L2 metadata cache budget (default 32M).\n" \
+  p "password=<PASSWORD>|-|+FILE|-FD  Secret of an encrypted image.\n" \
+  p "backing-password=...  Secret of encrypted backing files (default: password)."
+
 
 #endif /* QCOW2_PARAMS_H */

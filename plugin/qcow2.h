@@ -33,6 +33,9 @@ struct q2_open_opts {
   const char *snapshot;       /* NULL: active layer; else snapshot ID or name */
   uint64_t l2_cache_bytes;    /* 0: default */
   bool readonly;              /* open every file read-only */
+  /* Secrets for encrypted images (NUL-terminated; never logged). */
+  const char *password;         /* NULL: none given */
+  const char *backing_password; /* NULL: use password */
 };
 
 /* Block status flags, with the same values as NBD's. */
