@@ -67,7 +67,16 @@ one_of (const char *key, const char *value, const char *const *list)
   for (i = 0; list[i]; i++)
     if (strcmp (value, list[i]) == 0)
       return i;
-  nbdkit_error ("%s=%s is not one of the accepted values", key, value);
+  {
+    char all[256] = "";
+    for (i = 0; list[i]; i++) {
+      if (i > 0)
+        strncat (all, "|", sizeof all - strlen (all) - 1);
+      strncat (all, list[i], sizeof all - strlen (all) - 1);
+    }
+    nbdkit_error ("%s=%s is not one of the accepted values: %s",
+                  key, value, all);
+  }
   return -1;
 }
 
