@@ -2,9 +2,9 @@
  * SPDX-License-Identifier: BSD-3-Clause
  *
  * The layout follows qemu-img's: the header cluster, the refcount
- * table, the first refcount block, the L1 table, then (LUKS) the
- * encryption area and (preallocation) each L2 table followed by the
- * data clusters it maps.  Clusters are handed out one after another;
+ * table, the first refcount block, the L1 table, then (preallocation)
+ * each L2 table followed by the data clusters it maps, then (LUKS) the
+ * encryption area.  Clusters are handed out one after another;
  * whenever an allocation reaches past what the refcount blocks cover,
  * the next refcount block goes right after it.  Every cluster below
  * the end has refcount 1, so the blocks are easy to fill.
@@ -245,14 +245,7 @@ lay_try (struct layout *l, const struct q2_create_opts *o)
     if ((r = lay_alloc (l, n, &l->l1_cluster)) != 0)
       return r;
   }
-  if (o->crypt_method == QCOW2_CRYPT_LUKS) {
-    uint64_t n = (o->luks_len + l->cs - 1) / l->cs;
-    if ((r = lay_alloc (l, n, &l->luks_cluster)) != 0)
-      return r;
-  }
-  if (!l->prealloc)
-    return 0;
-  for (i = 0; i < l->l1_size; i++) {
+  for (i = 0; l->prealloc && i < l->l1_size; i++) {
     uint64_t n = l->guest_clusters - i * per_l2;
     if (n > per_l2)
       n = per_l2;
@@ -260,6 +253,12 @@ lay_try (struct layout *l, const struct q2_create_opts *o)
       return r;
     l->data[i] = 0;
     if (!o->data_file && (r = lay_alloc (l, n, &l->data[i])) != 0)
+      return r;
+  }
+  /* qemu-img sets up encryption after preallocating. */
+  if (o->crypt_method == QCOW2_CRYPT_LUKS) {
+    uint64_t n = (o->luks_len + l->cs - 1) / l->cs;
+    if ((r = lay_alloc (l, n, &l->luks_cluster)) != 0)
       return r;
   }
   return 0;
