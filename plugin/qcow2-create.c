@@ -141,6 +141,12 @@ q2_create_check (struct q2_create_opts *o)
   if (o->data_file_raw && o->backing)
     return Q2_FAIL (EINVAL, "a backing file and data-file-raw=true "
                     "cannot be used together");
+  /* Preallocated clusters would hide the backing file, unless their
+   * subclusters can stay unallocated.
+   */
+  if (o->backing && o->prealloc != Q2_PREALLOC_OFF && !o->extended_l2)
+    return Q2_FAIL (EINVAL, "a backing file and preallocation= can only "
+                    "be used together with extended-l2=true");
   if (o->backing && !o->backing_format)
     return Q2_FAIL (EINVAL, "backing=%s needs backing-format=raw|qcow2 "
                     "(formats are never probed)", o->backing);

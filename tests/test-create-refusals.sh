@@ -63,6 +63,8 @@ refuse 'data-file-raw=true needs data-file' "${c[@]}" size=1M data-file-raw=true
 refuse 'backing file and data-file-raw=true cannot be used together' \
     "${c[@]}" size=1M data-file="$w/new.data" data-file-raw=true \
     backing="$w/base.raw" backing-format=raw
+refuse 'backing file and preallocation= can only be used together with extended-l2=true' \
+    "${c[@]}" backing="$w/base.raw" backing-format=raw preallocation=metadata
 refuse 'needs backing-format' "${c[@]}" backing="$w/base.raw"
 refuse 'backing file .*(No such file|not a qcow2)' "${c[@]}" \
     backing="$w/missing.raw" backing-format=raw

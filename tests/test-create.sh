@@ -78,6 +78,7 @@ matrix=(
 "prealloc-full|16M|preallocation=full cluster-size=4k|-|cluster-size=4096|10"
 "backing-raw|-|backing=$d/base.raw backing-format=raw|backing_file=$d/base.raw,backing_fmt=raw|virtual-size=50331648 backing-filename=$d/base.raw backing-filename-format=raw|0"
 "backing-qcow2|64M|backing=$d/base.qcow2 backing-format=qcow2 compat=0.10|backing_file=$d/base.qcow2,backing_fmt=qcow2,compat=0.10|compat=0.10 lazy-refcounts=absent extended-l2=absent corrupt=absent backing-filename=$d/base.qcow2 backing-filename-format=qcow2|0"
+"backing-prealloc-extl2|-|backing=$d/base.raw backing-format=raw preallocation=metadata extended-l2=true|backing_file=$d/base.raw,backing_fmt=raw,preallocation=metadata,extended_l2=on|virtual-size=50331648 extended-l2=true backing-filename=$d/base.raw backing-filename-format=raw|0"
 "data-file|64M|data-file=$d/data-file.data|-|data-file=$d/data-file.data data-file-raw=false|10"
 "data-file-raw|64M|data-file=$d/data-file-raw.data data-file-raw=true preallocation=falloc|-|data-file=$d/data-file-raw.data data-file-raw=true|10"
 )
