@@ -318,30 +318,49 @@ q2_params_create_path (const char *file)
   return out;
 }
 
+/* ==== LUKS: THE ONE SPOT WHERE THE AREA IS BUILT (issue 8) ====
+ * Wire at merge, with #include "qcow2-luks.h" at the top:
+ *
+ *   struct q2_luks_params lp = {
+ *     .cipher_alg = p->luks.cipher_alg, .cipher_mode = p->luks.cipher_mode,
+ *     .ivgen_alg = p->luks.ivgen_alg,
+ *     .ivgen_hash_alg = p->luks.ivgen_hash_alg,
+ *     .hash_alg = p->luks.hash_alg,
+ *     .iter_time_ms = p->luks.iter_time_ms ? p->luks.iter_time_ms : 2000,
+ *   };
+ *   return q2_luks_build_header (p->password, &lp, hdr, len);
+ *
+ * (NULL strings mean qemu-img's defaults.)  On success *hdr is
+ * malloc'd and freed by the caller.
+ */
+static int
+build_luks_area (const struct q2_params *p, uint8_t **hdr, uint64_t *len)
+{
+  nbdkit_error ("encrypt-format=luks is not supported in this build "
+                "yet (encrypt-format=aes is)");
+  return -1;
+}
+
 int
 q2_params_create (const char *filename)
 {
   struct q2_params *p = &q2_params;
   struct q2_create_opts o = p->create_opts;
+  uint8_t *hdr = NULL;
+  uint64_t len = 0;
   int r;
 
   if (o.crypt_method == QCOW2_CRYPT_LUKS) {
-    /* ---- LUKS: build the area here (issue 8's qcow2-luks.h) ----
-     * struct q2_luks_params lp = {
-     *   p->luks.cipher_alg, p->luks.cipher_mode, p->luks.ivgen_alg,
-     *   p->luks.ivgen_hash_alg, p->luks.hash_alg, p->luks.iter_time_ms
-     * };
-     * uint8_t *hdr; uint64_t len;
-     * if (q2_luks_build_header (p->password, &lp, &hdr, &len) == -1)
-     *   return -1;
-     * o.luks_hdr = hdr; o.luks_len = len;
-     * ... q2_create, then free (hdr).
-     */
-    nbdkit_error ("encrypt-format=luks is not supported in this build "
-                  "yet (encrypt-format=aes is)");
-    return -1;
+    if (build_luks_area (p, &hdr, &len) == -1)
+      return -1;
+    o.luks_hdr = hdr;
+    o.luks_len = len;
   }
   r = q2_create (filename, &o);
+  if (hdr) {
+    explicit_bzero (hdr, len);
+    free (hdr);
+  }
   return r;
 }
 
