@@ -171,6 +171,8 @@ q2_open_qcow2 (struct q2_io *io, const struct q2_open_opts *opts,
   if ((follow || (depth == 0 && opts->backing)) &&
       q2_open_backing (img, opts, depth, chain) == -1)
     goto fail;
+  if (depth == 0 && q2_compress_setup (img, opts) == -1)
+    goto fail;
   *img_out = img;
   return 0;
 
@@ -291,6 +293,12 @@ q2_log_stats (struct q2_image *img)
                 PRIu64 " write-backs", img->filename, h, m, w);
     }
   }
+}
+
+uint64_t
+q2_cluster_size (const struct q2_image *img)
+{
+  return img->cluster_size;
 }
 
 const char *

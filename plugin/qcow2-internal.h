@@ -151,6 +151,12 @@ struct q2_image {
    * no request still uses a cluster when it becomes reusable.
    */
   pthread_rwlock_t io_lock;
+
+  /* Compressed writes (qcow2-write-compressed.c), under lock. */
+  bool compress;                /* compress=true */
+  uint64_t cpack_off;           /* next free byte of the packing area */
+  uint64_t cpack_end;           /* its end (a cluster boundary); 0: none.
+                                   Reset when its last cluster is freed. */
 };
 
 /* ---- mapping (qcow2-map.c) ---- */
@@ -177,6 +183,14 @@ extern int q2_decompress (int type, const void *src, size_t srclen,
  * reuse by the same thread.
  */
 extern void *q2_scratch (unsigned which, size_t n);
+/* Compress srclen bytes into at most dstcap bytes: 0 and *outlen on
+ * success, 1 if the output does not fit, -1 on error.
+ */
+extern int q2_compress (int type, const void *src, size_t srclen, void *dst,
+                        size_t dstcap, size_t *outlen);
+/* The L2 entry (COMPRESSED flag included) of len bytes at host. */
+extern uint64_t q2_cdesc_encode (unsigned cluster_bits, uint64_t host,
+                                 uint64_t len);
 /* Host offset and byte length of a compressed cluster's data. */
 extern void q2_cdesc_decode (unsigned cluster_bits, uint64_t desc,
                              uint64_t *host, uint64_t *len);
@@ -269,5 +283,24 @@ extern int q2_l1_lookup (struct q2_image *img, uint64_t offset,
                          uint64_t *l2_off);
 extern int q2_write_l2_entry (struct q2_image *img, uint64_t l2_off,
                               uint64_t idx, uint64_t entry, uint64_t bitmap);
+/* Lock held: the L2 table for guest, allocated or copied so that we
+ * own it (for the compressed write path).
+ */
+extern int q2_ensure_l2 (struct q2_image *img, uint64_t guest,
+                         uint64_t *l2_off);
+/* Lock held: wait until no request allocates in [off, off+len), then
+ * claim it; release it by its off.
+ */
+extern int q2_inflight_claim (struct q2_image *img, uint64_t off,
+                              uint64_t len);
+extern void q2_inflight_release (struct q2_image *img, uint64_t off);
+
+/* ---- compressed writes (qcow2-write-compressed.c) ---- */
+/* At open: refuse compress=true where it cannot work. */
+extern int q2_compress_setup (struct q2_image *img,
+                              const struct q2_open_opts *opts);
+/* Every data write when compress=true; io_lock held shared. */
+extern int q2_write_compressed (struct q2_image *img, const uint8_t *buf,
+                                uint64_t count, uint64_t offset);
 
 #endif /* QCOW2_INTERNAL_H */

@@ -90,6 +90,13 @@ q2_params_config (const char *key, const char *value)
     return config_password (&p->password, value);
   if (strcmp (key, "backing-password") == 0)
     return config_password (&p->backing_password, value);
+  if (strcmp (key, "compress") == 0) {
+    int r = nbdkit_parse_bool (value);
+    if (r == -1)
+      return -1;
+    p->opts.compress = r;
+    return 0;
+  }
   return 1;
 }
 

@@ -129,6 +129,23 @@ qcow2_get_size (void *handle)
   return q2_size (image);
 }
 
+/* With compress=true every write is a read-modify-write of whole
+ * clusters: ask clients (nbdcopy) for whole, aligned clusters.
+ */
+static int
+qcow2_block_size (void *handle, uint32_t *minimum, uint32_t *preferred,
+                  uint32_t *maximum)
+{
+  if (!q2_params.opts.compress) {
+    *minimum = *preferred = *maximum = 0;       /* no constraints */
+    return 0;
+  }
+  *minimum = 1;
+  *preferred = q2_cluster_size (image);
+  *maximum = 0xffffffff;
+  return 0;
+}
+
 static int
 qcow2_can_write (void *handle)
 {
@@ -254,6 +271,7 @@ static struct nbdkit_plugin plugin = {
   .cleanup           = qcow2_cleanup,
   .open              = qcow2_open,
   .get_size          = qcow2_get_size,
+  .block_size        = qcow2_block_size,
   .can_write         = qcow2_can_write,
   .can_flush         = qcow2_can_flush,
   .can_trim          = qcow2_can_trim,

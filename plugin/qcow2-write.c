@@ -327,6 +327,25 @@ ensure_l2 (struct q2_image *img, uint64_t guest, uint64_t *l2_off)
   return r;
 }
 
+int
+q2_ensure_l2 (struct q2_image *img, uint64_t guest, uint64_t *l2_off)
+{
+  return ensure_l2 (img, guest, l2_off);
+}
+
+int
+q2_inflight_claim (struct q2_image *img, uint64_t off, uint64_t len)
+{
+  wait_inflight (img, off, len);
+  return inflight_add (img, off, len);
+}
+
+void
+q2_inflight_release (struct q2_image *img, uint64_t off)
+{
+  inflight_del (img, off);
+}
+
 /* ---- writing data ---- */
 
 /* No guest data may land on metadata. */
@@ -625,6 +644,8 @@ write_nolock (struct q2_image *img, const uint8_t *buf, uint64_t count,
 {
   unsigned stalls = 0;
 
+  if (img->compress)
+    return q2_write_compressed (img, buf, count, offset);
   while (count > 0) {
     int64_t n = write_some (img, buf, count, offset);
 

@@ -36,6 +36,7 @@ struct q2_open_opts {
   /* Secrets for encrypted images (NUL-terminated; never logged). */
   const char *password;         /* NULL: none given */
   const char *backing_password; /* NULL: use password */
+  bool compress;              /* store every write as compressed clusters */
 };
 
 /* Block status flags, with the same values as NBD's. */
@@ -61,6 +62,7 @@ extern void q2_close (struct q2_image *img);
 extern uint64_t q2_size (const struct q2_image *img);
 extern bool q2_is_writable (const struct q2_image *img);
 extern const char *q2_filename (const struct q2_image *img);
+extern uint64_t q2_cluster_size (const struct q2_image *img);
 
 /* Read count bytes of guest data at offset.  Any range inside the
  * virtual size is allowed.
