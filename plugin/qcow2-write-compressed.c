@@ -133,17 +133,21 @@ alloc_piece (struct q2_image *img, uint64_t len, uint64_t *host)
     }
   }
 
-  /* A new cluster (refcount 1, for this piece), right after the area
-   * if that one is free.
+  /* A new cluster (refcount 1, for this piece): right after the area
+   * if that one is free and nothing below it is (freed space is used
+   * first, so that rewrites do not grow the file), else wherever the
+   * allocator finds one.
    */
-  r = has_area ? claim_next (img, img->cpack_end) : 0;
+  r = has_area && img->free_hint >= img->cpack_end >> img->cluster_bits
+      ? claim_next (img, img->cpack_end) : 0;
   if (r == -1)
     return -1;
   if (r == 1)
     n = img->cpack_end;
   else if (q2_alloc_clusters (img, 1, &n, &got) == -1)
     return -1;
-  straddle = r == 1 && img->cpack_off < img->cpack_end && rc < max;
+  straddle = has_area && n == img->cpack_end &&
+             img->cpack_off < img->cpack_end && rc < max;
   start = straddle ? img->cpack_off : n;
   if (straddle && q2_rc_add (img, last >> img->cluster_bits, 1) == -1) {
     q2_free_now (img, n, cs);

@@ -25,3 +25,11 @@ compressed_clusters () {
 import json, sys
 print(json.load(sys.stdin).get("compressed-clusters", 0))'
 }
+
+# count_compressed IMAGE: qemu-img check's count of compressed
+# clusters, whatever else it reports.
+count_compressed () {
+  { qemu-img check --output=json "$1" 2>/dev/null || true; } | python3 -c '
+import json, sys
+print(json.load(sys.stdin).get("compressed-clusters", 0))'
+}
