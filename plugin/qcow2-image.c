@@ -320,6 +320,7 @@ q2_features (void)
     "qcow2_snapshots=read\n"
     "qcow2_encryption=no\n"
     "qcow2_write=yes\n"
+    "qcow2_compressed_writes=yes\n"
     "zstd_version=" ZSTD_VERSION_STRING "\n"
     "zlib_version=" ZLIB_VERSION;
 }
