@@ -47,6 +47,8 @@ struct kind {
   uint64_t slack;               /* see fl_make_image_near_full */
   bool snapshot;                /* the start is also snapshot "s1" */
   bool compress;                /* the starting data is compressed */
+  bool compress_writes;         /* written with compress=true (run only
+                                   when named: test-compress-powerloss) */
 };
 
 #define K(n, o, cl, sz) .name = n, .create_opts = o, .cluster = cl, .size = sz
@@ -67,6 +69,12 @@ static const struct kind kinds[] = {
   /* Shared clusters and L2 tables: the snapshot must never change. */
   { K ("snapshot", "compat=1.1,cluster_size=4096", 4 * KiB, 4 * MiB),
     .snapshot = true },
+  /* compress=true: packed compressed clusters, replaced and released. */
+  { K ("cw-64k", "compat=1.1", 64 * KiB, 8 * MiB), .compress_writes = true },
+  { K ("cw-4k-zstd", "compat=1.1,cluster_size=4096,compression_type=zstd",
+       4 * KiB, 4 * MiB), .compress_writes = true },
+  { K ("cw-compressed-rc2", "compat=1.1,refcount_bits=2", 64 * KiB, 8 * MiB),
+    .compress = true, .compress_writes = true },
 };
 
 /* ---- the recording q2_io ---- */
@@ -268,7 +276,8 @@ test_kind (const struct kind *k)
 {
   struct fl_workload w;
   struct fl_model m;
-  struct q2_open_opts opts = { .l2_cache_bytes = k->l2_cache };
+  struct q2_open_opts opts = { .l2_cache_bytes = k->l2_cache,
+                               .compress = k->compress_writes };
   struct q2_image *img;
   uint8_t *initial = malloc (k->size), *buf = malloc (k->size);
   uint8_t *data = malloc (MiB), *tmpl;
@@ -597,7 +606,7 @@ main (int argc, char *argv[])
     return 1;
   }
   for (j = 0; j < sizeof kinds / sizeof kinds[0]; j++) {
-    bool want = argc < 2;
+    bool want = argc < 2 && !kinds[j].compress_writes;
 
     for (i = 1; i < argc; i++)
       if (strcmp (argv[i], kinds[j].name) == 0)
