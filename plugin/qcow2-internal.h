@@ -200,10 +200,15 @@ struct q2_snapshot {
   uint64_t disk_size;           /* the header's size if not recorded */
   char *id;
   char *name;
+  uint64_t entry_off;           /* file offset of the table entry */
+  uint64_t entry_len;           /* its length without padding */
 };
 extern int q2_snapshot_load_table (struct q2_image *img);
 extern void q2_snapshot_free_table (struct q2_image *img);
 extern int q2_snapshot_select (struct q2_image *img, const char *id_or_name);
+/* By ID first, then by name, as QEMU looks snapshots up; NULL if none. */
+extern struct q2_snapshot *q2_snapshot_find (struct q2_image *img,
+                                             const char *id_or_name);
 
 /* ---- image (qcow2-image.c) ----
  * follow: open the backing and data files the image names.
@@ -269,5 +274,7 @@ extern int q2_l1_lookup (struct q2_image *img, uint64_t offset,
                          uint64_t *l2_off);
 extern int q2_write_l2_entry (struct q2_image *img, uint64_t l2_off,
                               uint64_t idx, uint64_t entry, uint64_t bitmap);
+/* Set up the write state, as the first write does (lock not held). */
+extern int q2_begin_write (struct q2_image *img);
 
 #endif /* QCOW2_INTERNAL_H */
