@@ -63,6 +63,7 @@ struct kind {
   bool lazy;                    /* lazy refcounts */
   uint64_t slack;               /* see fl_make_image_near_full */
   bool snapshot;                /* the start is also snapshot "s1" */
+  bool layer_snapshot;          /* made by snapshot-create, not qemu-img */
 };
 
 #define K(n, o, cl, sz) .name = n, .create_opts = o, .cluster = cl, .size = sz
@@ -87,6 +88,9 @@ static const struct kind kinds[] = {
    */
   { K ("snapshot", "compat=1.1,cluster_size=4096", 4 * KiB, 4 * MiB),
     .snapshot = true },
+  /* The same with the snapshot taken by the layer (snapshot-create). */
+  { K ("layer-snapshot", "compat=1.1,cluster_size=4096", 4 * KiB, 4 * MiB),
+    .snapshot = true, .layer_snapshot = true },
 };
 
 /* ---- the fault-injecting q2_io ---- */
@@ -543,6 +547,9 @@ make_start (struct ctx *c)
   if (fl_make_image (c->tmpl_path, k->create_opts, k->compress, k->size,
                      0, seed, c->initial, &c->tmpl, &c->tmpl_len) == -1)
     return -1;
+  if (k->snapshot && k->layer_snapshot)
+    return fl_layer_snapshot_create (c->tmpl_path, "s1", &c->tmpl,
+                                     &c->tmpl_len);
   if (k->snapshot)
     return fl_snapshot_create (c->tmpl_path, "s1", &c->tmpl, &c->tmpl_len);
   return 0;
