@@ -223,6 +223,24 @@ one_kind backing 16M make_backing
 one_kind c512 2M make_c512
 one_kind c2m 32M make_c2m
 
+# Create and serve in one process: the clients' writes copy away from
+# the snapshot taken at startup.
+a=$tmp/live.a.qcow2 q=$tmp/live.q.qcow2
+make_v3 "$a" 16M
+cp "$a" "$q"
+ref_raw "$a" "$tmp/live.start.raw"
+gen_writes $((16 << 20)) "$tmp/w3.txt"
+run_plugin -w "$a" snapshot-create=live -- \
+    "qemu-io -f raw \"\$uri\" < '$tmp/w3.txt' > '$tmp/qio.out' 2>&1" ||
+    fail "serving with snapshot-create=live failed"
+grep -qiE 'error|failed' "$tmp/qio.out" && fail "qemu-io reported an error"
+qsnap -c live "$q"
+qio "$q" < "$tmp/w3.txt"
+same "$a" "$q" "create at startup, then serve and write" live
+ref_raw "$a" "$tmp/live.raw" -l snapshot.name=live
+cmp -s "$tmp/live.raw" "$tmp/live.start.raw" ||
+    fail "the snapshot taken at startup changed under the writes"
+
 # A snapshot taken before a resize: applying it brings the size back.
 a=$tmp/resize.a.qcow2 q=$tmp/resize.q.qcow2
 make_v3 "$a" 8M
