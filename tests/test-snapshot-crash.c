@@ -63,7 +63,7 @@ static const struct kind kinds[] = {
   { "v3", "compat=1.1", 8 * MiB, false, 0 },
   { "v2", "compat=0.10", 8 * MiB, false, 0 },
   /* Many L2 tables and refcount blocks, a tiny L2 cache. */
-  { "c512", "cluster_size=512", 2 * MiB, false, 8 * KiB },
+  { "c512", "cluster_size=512", 4 * MiB, false, 8 * KiB },
   { "extl2", "extended_l2=on", 8 * MiB, false, 0 },
   { "compressed", "compat=1.1", 8 * MiB, true, 0 },
   { "rc2-4k", "cluster_size=4096,refcount_bits=2", 4 * MiB, false, 0 },

@@ -221,8 +221,8 @@ make_backing ()
 if [ "${SNAP_PART:-1}" = 2 ]; then
     one_kind compressed 16M make_compressed
     one_kind backing 16M make_backing
-    one_kind c512 2M make_c512
-    one_kind c2m 32M make_c2m
+    one_kind c512 8M make_c512
+    one_kind c2m 16M make_c2m
     echo "$progname: all passed (part 2)"
     exit 0
 fi
