@@ -317,7 +317,7 @@ q2_features (void)
     "qcow2_external_data_file=yes\n"
     "qcow2_backing_formats=raw,qcow2\n"
     "qcow2_max_chain=32\n"
-    "qcow2_snapshots=read\n"
+    "qcow2_snapshots=read,create,apply,delete\n"
     "qcow2_encryption=no\n"
     "qcow2_write=yes\n"
     "qcow2_compressed_writes=yes\n"

@@ -214,10 +214,15 @@ struct q2_snapshot {
   uint64_t disk_size;           /* the header's size if not recorded */
   char *id;
   char *name;
+  uint64_t entry_off;           /* file offset of the table entry */
+  uint64_t entry_len;           /* its length without padding */
 };
 extern int q2_snapshot_load_table (struct q2_image *img);
 extern void q2_snapshot_free_table (struct q2_image *img);
 extern int q2_snapshot_select (struct q2_image *img, const char *id_or_name);
+/* By ID first, then by name, as QEMU looks snapshots up; NULL if none. */
+extern struct q2_snapshot *q2_snapshot_find (struct q2_image *img,
+                                             const char *id_or_name);
 
 /* ---- image (qcow2-image.c) ----
  * follow: open the backing and data files the image names.
@@ -302,5 +307,7 @@ extern int q2_compress_setup (struct q2_image *img,
 /* Every data write when compress=true; io_lock held shared. */
 extern int q2_write_compressed (struct q2_image *img, const uint8_t *buf,
                                 uint64_t count, uint64_t offset);
+/* Set up the write state, as the first write does (lock not held). */
+extern int q2_begin_write (struct q2_image *img);
 
 #endif /* QCOW2_INTERNAL_H */

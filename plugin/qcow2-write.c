@@ -168,6 +168,12 @@ start (struct q2_image *img)
   return r;
 }
 
+int
+q2_begin_write (struct q2_image *img)
+{
+  return start (img);
+}
+
 /* ---- in-flight allocations (lock held) ---- */
 
 static bool
