@@ -38,7 +38,8 @@ extern void q2_params_free (void);
   p "snapshot=<ID|NAME>    Export an internal snapshot, read-only.\n" \
   p "l2-cache-size=<SIZE>  L2 metadata cache budget (default 32M).\n" \
   p "password=<PASSWORD>|-|+FILE|-FD  Secret of an encrypted image.\n" \
-  p "backing-password=...  Secret of encrypted backing files (default: password)."
+  p "backing-password=...  Secret of encrypted backing files (default: password).\n" \
+  p "repair=auto|all|off|check  Refcount repair (default auto: rebuild dirty images)."
 
 
 #endif /* QCOW2_PARAMS_H */
