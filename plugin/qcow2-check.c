@@ -19,8 +19,9 @@
  * real metadata corruption: the check reports it and refuses to
  * repair, because no refcount can make such an image safe to write.
  * Damage confined to the refcount structures (an invalid refcount table
- * entry, a block overlapping other metadata, a referenced cluster with
- * no block) is repaired by writing fresh ones.
+ * entry, two entries naming one block, a referenced cluster with no
+ * block) is repaired by writing fresh ones.  A refcount block on other
+ * metadata or data is corruption: which pointer is wrong is unknown.
  *
  * Repair order, so that a crash at any point leaves at most leaks, or
  * (for lazy-refcount images, still dirty) what a second repair fixes:
@@ -146,11 +147,10 @@ ref (struct chk *ck, uint64_t off, uint64_t len, int kind, const char *what)
 
     if (k != K_NONE &&
         (k != kind || kind == K_META || kind == K_RC)) {
-      if (kind == K_RC || k == K_RC) {
-        /* A refcount structure shares a cluster with something else. */
+      if (kind == K_RC && k == K_RC) {
+        /* Two refcount structures in one cluster: drop the second. */
         ck->rc_damaged = true;
-        if (kind == K_RC)
-          continue;
+        continue;
       }
       else {
         char msg[160];
@@ -332,7 +332,8 @@ walk_refcounts (struct chk *ck)
     return Q2_FAIL (ENOMEM, "%s: malloc: %m", ck->fn);
   if (q2_io_pread (img->io, ck->reftable, bytes, off) == -1)
     return -1;
-  ref (ck, off, bytes, K_RC, "refcount table");
+  if (ref (ck, off, bytes, K_RC, "refcount table") == -1)
+    return -1;
   for (i = 0; i < ck->rt_entries; i++) {
     uint64_t e = be64toh (ck->reftable[i]);
 
@@ -340,15 +341,19 @@ walk_refcounts (struct chk *ck)
     if (e == 0)
       continue;
     if ((e & ~REFT_OFFSET_MASK) || (e & (ck->cs - 1)) ||
-        e >= ck->nclusters << ck->cb ||
-        (ck->kind[e >> ck->cb] != K_NONE)) {
+        e >= ck->nclusters << ck->cb || ck->kind[e >> ck->cb] == K_RC) {
       q2_debug ("%s: check: refcount table entry %" PRIu64 " (0x%" PRIx64
                 ") is unusable", ck->fn, i, e);
       ck->reftable[i] = 0;
       ck->rc_damaged = true;
+      ck->res->errors++;        /* as qemu-img check counts it */
       continue;
     }
-    ref (ck, e, ck->cs, K_RC, "refcount block");
+    /* A block on other metadata or data: which of the two pointers is
+     * wrong cannot be told, so this is corruption, not repaired.
+     */
+    if (ref (ck, e, ck->cs, K_RC, "refcount block") == -1)
+      return -1;
   }
   return 0;
 }
@@ -387,6 +392,13 @@ compare (struct chk *ck)
       return -1;
     if (v == want)
       continue;
+    if (c >= ck->nclusters) {
+      /* Past the end of the file: qemu-img check does not look there,
+       * but our allocator would hand such a cluster out.
+       */
+      res->leaks_past_end++;
+      continue;
+    }
     if (v > want) {
       if (res->leaks++ < MAX_REPORTED)
         q2_debug ("%s: check: leaked cluster 0x%" PRIx64 " refcount=%"
@@ -725,12 +737,13 @@ q2_check (struct q2_image *img, bool repair, struct q2_check_result *res)
   }
   res->rc_damaged = ck.rc_damaged;
   q2_debug ("%s: check: %" PRIu64 " leaked clusters, %" PRIu64 " refcount "
-            "errors, %" PRIu64 " wrong COPIED flags%s", ck.fn, res->leaks,
-            res->errors, res->copied,
+            "errors, %" PRIu64 " wrong COPIED flags, %" PRIu64 " refcounts "
+            "past the end of the file%s", ck.fn, res->leaks,
+            res->errors, res->copied, res->leaks_past_end,
             ck.rc_damaged ? ", damaged refcount structures" : "");
   if (!repair ||
       (res->leaks == 0 && res->errors == 0 && res->copied == 0 &&
-       !ck.rc_damaged)) {
+       res->leaks_past_end == 0 && !ck.rc_damaged)) {
     r = 0;
     goto out;
   }
@@ -763,7 +776,7 @@ q2_check_report (struct q2_image *img, const struct q2_check_result *res,
                  bool repaired)
 {
   if (res->leaks == 0 && res->errors == 0 && res->copied == 0 &&
-      !res->rc_damaged) {
+      res->leaks_past_end == 0 && !res->rc_damaged) {
     q2_debug ("%s: check: no errors, no leaks", img->filename);
     return;
   }
@@ -775,8 +788,10 @@ q2_check_report (struct q2_image *img, const struct q2_check_result *res,
               res->rebuilt ? " (new refcount structures)" : "");
   else
     q2_error ("%s: warning: check found %" PRIu64 " leaked clusters, %"
-              PRIu64 " refcount errors and %" PRIu64 " wrong COPIED flags%s",
+              PRIu64 " refcount errors and %" PRIu64 " wrong COPIED flags "
+              "(%" PRIu64 " refcounts past the end of the file)%s",
               img->filename, res->leaks, res->errors, res->copied,
+              res->leaks_past_end,
               res->rc_damaged ? "; the refcount structures are damaged" : "");
 }
 

@@ -260,7 +260,8 @@ extern int q2_bitmaps_mark_in_use (struct q2_image *img);
 
 /* ---- consistency check and refcount rebuild (qcow2-check.c) ---- */
 struct q2_check_result {
-  uint64_t leaks, errors, copied;       /* found */
+  uint64_t leaks, errors, copied;       /* found, as qemu-img check counts */
+  uint64_t leaks_past_end;      /* refcounts past the end of the file */
   uint64_t leaks_fixed, errors_fixed, copied_fixed;
   bool rc_damaged;              /* the refcount structures are damaged */
   bool rebuilt;                 /* new refcount structures were written */
