@@ -173,6 +173,10 @@ q2_open_qcow2 (struct q2_io *io, const struct q2_open_opts *opts,
     goto fail;
   if (depth == 0 && q2_compress_setup (img, opts) == -1)
     goto fail;
+  if (depth == 0) {
+    img->repair = opts->repair;
+    q2_check_at_open (img);
+  }
   *img_out = img;
   return 0;
 
@@ -273,7 +277,7 @@ q2_size (const struct q2_image *img)
 bool
 q2_is_writable (const struct q2_image *img)
 {
-  return !img->readonly && !img->corrupt;
+  return !img->readonly && !img->corrupt && !img->check_failed;
 }
 
 void

@@ -157,6 +157,8 @@ struct q2_image {
   uint64_t cpack_off;           /* next free byte of the packing area */
   uint64_t cpack_end;           /* its end (a cluster boundary); 0: none.
                                    Reset when its last cluster is freed. */
+  enum q2_repair repair;        /* see q2_open_opts */
+  bool check_failed;            /* repair=check found errors: no writes */
 };
 
 /* ---- mapping (qcow2-map.c) ---- */
@@ -273,6 +275,36 @@ extern int q2_check_overlap (struct q2_image *img, uint64_t off,
  * we do not track dirty blocks.  Returns 0 if the bitmaps bit may stay.
  */
 extern int q2_bitmaps_mark_in_use (struct q2_image *img);
+
+/* ---- consistency check and refcount rebuild (qcow2-check.c) ---- */
+struct q2_check_result {
+  uint64_t leaks, errors, copied;       /* found, as qemu-img check counts */
+  uint64_t leaks_past_end;      /* refcounts past the end of the file */
+  uint64_t leaks_fixed, errors_fixed, copied_fixed;
+  bool rc_damaged;              /* the refcount structures are damaged */
+  bool rebuilt;                 /* new refcount structures were written */
+  bool corrupt;                 /* real metadata corruption: no repair */
+};
+/* Count every reference to every cluster of the file and compare with
+ * the refcounts on disk.  repair: fix what was found (img->lock held,
+ * before the write state exists: refcounts are written directly, L2
+ * entries through the L2 cache).  Fails on real metadata corruption
+ * (res->corrupt) without writing anything.
+ */
+extern int q2_check (struct q2_image *img, bool repair,
+                     struct q2_check_result *res);
+extern void q2_check_report (struct q2_image *img,
+                             const struct q2_check_result *res,
+                             bool repaired);
+/* At open (repair=check or all, image writable): check, report, and
+ * refuse writes later if real corruption (or, for check, any error)
+ * was found.  Never fails the open.
+ */
+extern void q2_check_at_open (struct q2_image *img);
+/* Lock held, from the first write's setup: repair as img->repair says
+ * and clear the dirty bit.
+ */
+extern int q2_check_before_write (struct q2_image *img);
 
 /* ---- writing (qcow2-write.c) ---- */
 extern int q2_mark_corrupt (struct q2_image *img);

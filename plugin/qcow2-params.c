@@ -128,6 +128,22 @@ q2_params_config (const char *key, const char *value)
     p->opts.l2_cache_bytes = r;
     return 0;
   }
+  if (strcmp (key, "repair") == 0) {
+    if (strcmp (value, "auto") == 0)
+      p->opts.repair = Q2_REPAIR_AUTO;
+    else if (strcmp (value, "all") == 0)
+      p->opts.repair = Q2_REPAIR_ALL;
+    else if (strcmp (value, "off") == 0)
+      p->opts.repair = Q2_REPAIR_OFF;
+    else if (strcmp (value, "check") == 0)
+      p->opts.repair = Q2_REPAIR_CHECK;
+    else {
+      nbdkit_error ("repair must be auto, all, off or check, not '%s'",
+                    value);
+      return -1;
+    }
+    return 0;
+  }
   if (strcmp (key, "password") == 0)
     return config_password (&p->password, value);
   if (strcmp (key, "backing-password") == 0)

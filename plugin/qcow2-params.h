@@ -52,7 +52,8 @@ extern bool q2_params_nbdkit_readonly (void);
   p "compress=true         Store every write as compressed clusters.\n" \
   p "snapshot-create=<NAME>  Take an internal snapshot at startup.\n" \
   p "snapshot-apply=<ID|NAME>  Revert to an internal snapshot at startup.\n" \
-  p "snapshot-delete=<ID|NAME>  Delete an internal snapshot at startup."
+  p "snapshot-delete=<ID|NAME>  Delete an internal snapshot at startup.\n" \
+  p "repair=auto|all|off|check  Refcount repair (default auto: rebuild dirty images)."
 
 
 #endif /* QCOW2_PARAMS_H */

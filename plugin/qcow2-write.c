@@ -105,6 +105,11 @@ begin_write (struct q2_image *img)
 
   if (img->write_started)
     return 0;
+  /* Repair (a dirty image, or any with repair=all) before anything
+   * else reads the refcounts.
+   */
+  if (q2_check_before_write (img) == -1)
+    return -1;
   if (q2_rc_init (img) == -1 || q2_meta_init (img) == -1)
     goto fail;
   if ((img->h.autoclear & QCOW2_AUTOCLEAR_BITMAPS) &&
@@ -145,10 +150,17 @@ q2_check_writable (const struct q2_image *img)
                     img->corrupt ? "marked corrupt" :
                     img->snapshot ? "a snapshot export, which is read-only" :
                     "open read-only");
-  if ((img->h.incompat & QCOW2_INCOMPAT_DIRTY) && !img->write_started)
+  if (img->check_failed)
+    return Q2_FAIL (EROFS, "%s: the consistency check found errors or "
+                    "corruption (see the log); writes are refused; repair "
+                    "it with 'qemu-img check -r all %s', or serve it with "
+                    "repair=all", img->filename, img->filename);
+  if ((img->h.incompat & QCOW2_INCOMPAT_DIRTY) && !img->write_started &&
+      img->repair == Q2_REPAIR_OFF)
     return Q2_FAIL (EROFS, "%s: the image is dirty (its lazy refcounts were "
                     "not written back); repair it with 'qemu-img check -r "
-                    "all %s' before writing, or serve it with -r",
+                    "all %s' before writing, or serve it with -r (or "
+                    "with repair=auto, the default)",
                     img->filename, img->filename);
   return 0;
 }

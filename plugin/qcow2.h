@@ -26,6 +26,14 @@ struct q2_io;
  */
 #define Q2_DEFAULT_L2_CACHE (32 * 1024 * 1024)
 
+/* What to do about refcounts at open and at the first write (repair=). */
+enum q2_repair {
+  Q2_REPAIR_AUTO = 0,   /* rebuild a dirty (lazy refcounts) image */
+  Q2_REPAIR_ALL,        /* full check at open; repair at the first write */
+  Q2_REPAIR_OFF,        /* refuse to write a dirty image */
+  Q2_REPAIR_CHECK,      /* full check at open; errors refuse writes */
+};
+
 struct q2_open_opts {
   const char *backing;        /* NULL: as the image says; "none": no backing */
   const char *backing_format; /* NULL: as the image says; "raw" or "qcow2" */
@@ -37,6 +45,7 @@ struct q2_open_opts {
   const char *password;         /* NULL: none given */
   const char *backing_password; /* NULL: use password */
   bool compress;              /* store every write as compressed clusters */
+  enum q2_repair repair;        /* top image only */
 };
 
 /* Block status flags, with the same values as NBD's. */
