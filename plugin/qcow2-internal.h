@@ -151,6 +151,13 @@ struct q2_image {
    * no request still uses a cluster when it becomes reusable.
    */
   pthread_rwlock_t io_lock;
+
+  /* Encryption (qcow2-encrypt.c): NULL for a plain image.  The cipher is
+   * keyed once at open and shared read-only by every thread.
+   */
+  struct q2_crypto *crypt;
+  bool crypt_host_iv;           /* LUKS: IV from the host sector */
+  pthread_mutex_t rmw_lock;     /* serialises partial-sector writes */
 };
 
 /* ---- mapping (qcow2-map.c) ---- */
@@ -254,6 +261,25 @@ extern int q2_check_overlap (struct q2_image *img, uint64_t off,
  * we do not track dirty blocks.  Returns 0 if the bitmaps bit may stay.
  */
 extern int q2_bitmaps_mark_in_use (struct q2_image *img);
+
+#define Q2_SECTOR_SIZE 512
+
+/* ---- encryption of guest data (qcow2-encrypt.c) ---- */
+/* At open: key the image's cipher if it is encrypted (depth as for
+ * q2_open_backing, to pick the password).
+ */
+extern int q2_crypt_open (struct q2_image *img,
+                          const struct q2_open_opts *opts, unsigned depth);
+extern void q2_crypt_close (struct q2_image *img);
+/* In place; host and guest are the offsets of buf's first byte, and
+ * len a multiple of 512.
+ */
+extern void q2_crypt_decrypt (struct q2_image *img, uint8_t *buf,
+                              uint64_t len, uint64_t host, uint64_t guest);
+/* Encrypt src into dst (may be equal). */
+extern void q2_crypt_encrypt (struct q2_image *img, uint8_t *dst,
+                              const uint8_t *src, uint64_t len,
+                              uint64_t host, uint64_t guest);
 
 /* ---- writing (qcow2-write.c) ---- */
 extern int q2_mark_corrupt (struct q2_image *img);
