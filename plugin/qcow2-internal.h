@@ -180,9 +180,10 @@ extern int q2_map (struct q2_image *img, uint64_t offset, uint64_t max,
 /* ---- compression (qcow2-compress.c) ---- */
 extern int q2_decompress (int type, const void *src, size_t srclen,
                           void *dst, size_t dstlen);
-/* A per-thread buffer of at least n bytes (which: 0 or 1), kept for
- * reuse by the same thread.
+/* A per-thread buffer of at least n bytes (which: 0 or 1, and 2 for
+ * Q2_SCRATCH_CRYPT), kept for reuse by the same thread.
  */
+#define Q2_SCRATCH_CRYPT 2
 extern void *q2_scratch (unsigned which, size_t n);
 /* Host offset and byte length of a compressed cluster's data. */
 extern void q2_cdesc_decode (unsigned cluster_bits, uint64_t desc,

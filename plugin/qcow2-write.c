@@ -87,7 +87,7 @@ write_data (struct q2_image *img, const void *buf, size_t n, uint64_t host,
     q2_crypt_encrypt (img, (uint8_t *) buf, buf, n, host, guest);
     return write_plain (img, buf, n, host);
   }
-  tmp = q2_scratch (0, n < CRYPT_CHUNK ? n : CRYPT_CHUNK);
+  tmp = q2_scratch (Q2_SCRATCH_CRYPT, n < CRYPT_CHUNK ? n : CRYPT_CHUNK);
   if (tmp == NULL)
     return Q2_FAIL (ENOMEM, "%s: malloc: %m", img->filename);
   while (n > 0) {
