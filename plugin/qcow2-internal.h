@@ -159,6 +159,12 @@ struct q2_image {
                                    Reset when its last cluster is freed. */
   enum q2_repair repair;        /* see q2_open_opts */
   bool check_failed;            /* repair=check found errors: no writes */
+  /* Encryption (qcow2-encrypt.c): NULL for a plain image.  The cipher is
+   * keyed once at open and shared read-only by every thread.
+   */
+  struct q2_crypto *crypt;
+  bool crypt_host_iv;           /* LUKS: IV from the host sector */
+  pthread_mutex_t rmw_lock;     /* serialises partial-sector writes */
 };
 
 /* ---- mapping (qcow2-map.c) ---- */
@@ -181,9 +187,10 @@ extern int q2_map (struct q2_image *img, uint64_t offset, uint64_t max,
 /* ---- compression (qcow2-compress.c) ---- */
 extern int q2_decompress (int type, const void *src, size_t srclen,
                           void *dst, size_t dstlen);
-/* A per-thread buffer of at least n bytes (which: 0 or 1), kept for
- * reuse by the same thread.
+/* A per-thread buffer of at least n bytes (which: 0 or 1, and 2 for
+ * Q2_SCRATCH_CRYPT), kept for reuse by the same thread.
  */
+#define Q2_SCRATCH_CRYPT 2
 extern void *q2_scratch (unsigned which, size_t n);
 /* Compress srclen bytes into at most dstcap bytes: 0 and *outlen on
  * success, 1 if the output does not fit, -1 on error.
@@ -305,6 +312,24 @@ extern void q2_check_at_open (struct q2_image *img);
  * and clear the dirty bit.
  */
 extern int q2_check_before_write (struct q2_image *img);
+#define Q2_SECTOR_SIZE 512
+
+/* ---- encryption of guest data (qcow2-encrypt.c) ---- */
+/* At open: key the image's cipher if it is encrypted (depth as for
+ * q2_open_backing, to pick the password).
+ */
+extern int q2_crypt_open (struct q2_image *img,
+                          const struct q2_open_opts *opts, unsigned depth);
+extern void q2_crypt_close (struct q2_image *img);
+/* In place; host and guest are the offsets of buf's first byte, and
+ * len a multiple of 512.
+ */
+extern void q2_crypt_decrypt (struct q2_image *img, uint8_t *buf,
+                              uint64_t len, uint64_t host, uint64_t guest);
+/* Encrypt src into dst (may be equal). */
+extern void q2_crypt_encrypt (struct q2_image *img, uint8_t *dst,
+                              const uint8_t *src, uint64_t len,
+                              uint64_t host, uint64_t guest);
 
 /* ---- writing (qcow2-write.c) ---- */
 extern int q2_mark_corrupt (struct q2_image *img);
