@@ -37,7 +37,9 @@ extern void q2_params_free (void);
  * nbdkit was started read-only (-r), before touching the file.
  */
 extern int q2_params_snapshot_ops (struct q2_image *img);
-/* Whether nbdkit's command line has -r (nbdkit 1.32 offers no call). */
+/* Whether nbdkit's command line has -r (nbdkit 1.32 offers no call);
+ * in qcow2-readonly.c.
+ */
 extern bool q2_params_nbdkit_readonly (void);
 
 /* Help text for the shared parameters (prefix "" or "qcow2-"). */

@@ -26,11 +26,15 @@
  *     snapshot table, the deleted snapshot's L1 tree, the old active L1
  *     tree (refcounts may then reach 0 and clusters be reused).
  * So a refcount is never lower than the references on disk: a crash at
- * any point leaves at most leaks.  A COPIED flag can disagree with a
- * refcount only while that refcount is leaked (create between 1 and 2,
- * delete between 2 and 4); qemu-img check counts such a flag as an
- * error until the leak is repaired (-r leaks), and it is harmless, as
- * no snapshot uses the cluster.  QEMU has the same windows.
+ * any point leaves at most leaks.  A COPIED flag can disagree with the
+ * refcount on disk only while that refcount is leaked and the cluster
+ * has a single reference (create between 1 and 2, delete between 2 and
+ * 4): qemu-img check lists such a flag as an error until the leak is
+ * repaired (-r leaks), but writing in place there is safe, as no
+ * snapshot uses the cluster.  No order avoids every such window, since
+ * a refcount and its flag live in different clusters; QEMU's own order
+ * has them too (its delete even leaves flags missing on refcounts of
+ * 1 for a while).  test-snapshot-crash checks exactly this.
  */
 
 #include <config.h>

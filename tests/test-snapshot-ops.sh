@@ -300,6 +300,27 @@ timeout 120 nbdkit -U - "$PLUGIN" "$tmp/run-r.qcow2" snapshot-create=two \
     --run 'echo -r >/dev/null' || fail "a --run command with -r was refused"
 qemu-img snapshot -l "$tmp/run-r.qcow2" | grep -q ' two ' ||
     fail "snapshot-create=two with --run 'echo -r' did nothing"
+# An external data file: no internal snapshots (qemu-img refuses too).
+mkimg "$e" 8M -o data_file="$tmp/err.data"
+random_fill "$e" 8M n=5
+cp "$e" "$tmp/err.orig"
+refused "external data file" "$PLUGIN" "$e" snapshot-create=x
+# A dirty image (lazy refcounts, not closed): refused until repaired.
+mkimg "$e" 8M -o lazy_refcounts=on
+random_fill "$e" 8M n=5
+python3 - "$e" <<'PYEOF'
+import struct, sys
+with open(sys.argv[1], 'r+b') as f:
+    f.seek(72)
+    v = struct.unpack('>Q', f.read(8))[0]
+    f.seek(72)
+    f.write(struct.pack('>Q', v | 1))
+PYEOF
+cp "$e" "$tmp/err.orig"
+# (With repair on open, repair=off keeps the refusal.)
+norepair=()
+nbdkit "$PLUGIN" --help 2>/dev/null | grep -q 'repair=' && norepair=(repair=off)
+refused "dirty" "$PLUGIN" "$e" "${norepair[@]}" snapshot-create=x
 # One-bit refcounts cannot count a second reference (qemu-img fails too).
 mkimg "$e" 8M -o refcount_bits=1
 random_fill "$e" 8M n=5
