@@ -45,6 +45,7 @@ struct q2_io {
   bool readonly;
   dev_t dev;                    /* identity, for backing loop detection */
   ino_t ino;
+  bool remote;                  /* on an NBD server (qcow2-nbd.c) */
 };
 
 extern struct q2_io *q2_io_file_open (const char *path, bool readonly);

@@ -36,6 +36,10 @@ struct q2_open_opts {
   /* Secrets for encrypted images (NUL-terminated; never logged). */
   const char *password;         /* NULL: none given */
   const char *backing_password; /* NULL: use password */
+  /* Follow NBD backing names found inside images (backing= is always
+   * followed).
+   */
+  bool allow_remote_backing;
 };
 
 /* Block status flags, with the same values as NBD's. */
