@@ -14,18 +14,18 @@
  * 2. A read-only struct q2_io over libnbd.  nbdkit calls us from many
  *    threads at once; a synchronous libnbd call holds its handle for the
  *    whole round trip, so requests go out with the asynchronous API
- *    (nbd_aio_pread, nbd_aio_block_status) and one poller thread per
- *    connection drives the socket and completes them: many requests are
- *    in flight on one connection.  When the server advertises multi-conn
- *    we spread requests over up to NBD_MAX_CONNS connections.
+ *    (nbd_aio_pread, nbd_aio_block_status) and many are in flight on one
+ *    connection.  The waiting threads take turns at driving the socket
+ *    (see req_wait); there is no thread of our own.  When the server
+ *    advertises multi-conn, requests are spread over up to NBD_MAX_CONNS
+ *    connections.  Without multi-conn we keep to one connection: some
+ *    servers (qemu-nbd without --shared) accept only one client.
  *
  *    The first connection is made at open time, so that a bad address
  *    fails startup with libnbd's message.  If a connection dies (the
  *    server went away), its requests fail with EIO and a logged message,
  *    and the next request makes a new connection: a restarted server
- *    heals the export.  Poller threads are started on first use and
- *    again in a forked child (nbdkit forks into the background after
- *    the image is opened; threads do not survive fork).
+ *    heals the export.
  */
 
 #include <config.h>
@@ -693,11 +693,8 @@ q2_nbd_name_to_uri (const char *name)
 
 struct conn {
   struct nbd_handle *h;
-  int wakefd;                   /* eventfd: wake the poller */
-  pthread_t thread;
-  pid_t thread_pid;             /* 0: no poller in this process */
-  bool dead;                    /* atomic: the poller saw the end */
-  bool stop;                    /* atomic: poller must exit */
+  int wakefd;                   /* eventfd: wake the polling thread */
+  bool polling;                 /* a thread is polling (under done_lock) */
   unsigned users;               /* requests using it (under nbd_io.lock) */
 };
 
@@ -736,64 +733,88 @@ complete_cb (void *user_data, int *error)
   return 1;                     /* retire the command */
 }
 
-static void *
-poller (void *arg)
+static bool
+conn_dead (struct conn *c)
 {
-  struct conn *c = arg;
+  return nbd_aio_is_dead (c->h) || nbd_aio_is_closed (c->h);
+}
 
-  while (!__atomic_load_n (&c->stop, __ATOMIC_ACQUIRE)) {
-    struct pollfd fds[2];
-    unsigned dir;
-    int fd;
+/* Wait once for the socket (or a wake-up) and let libnbd move on.
+ * Completion callbacks run in here.
+ */
+static void
+poll_once (struct conn *c)
+{
+  struct pollfd fds[2];
+  unsigned dir;
+  int fd;
 
-    if (nbd_aio_is_dead (c->h) || nbd_aio_is_closed (c->h))
-      break;
-    fd = nbd_aio_get_fd (c->h);
-    dir = nbd_aio_get_direction (c->h);
-    if (fd == -1)
-      break;
-    fds[0].fd = fd;
-    fds[0].events = ((dir & LIBNBD_AIO_DIRECTION_READ) ? POLLIN : 0) |
-      ((dir & LIBNBD_AIO_DIRECTION_WRITE) ? POLLOUT : 0);
-    fds[0].revents = 0;
-    fds[1].fd = c->wakefd;
-    fds[1].events = POLLIN;
-    fds[1].revents = 0;
-    if (poll (fds, 2, -1) == -1) {
-      if (errno == EINTR)
-        continue;
-      break;
+  if (conn_dead (c))
+    return;
+  fd = nbd_aio_get_fd (c->h);
+  dir = nbd_aio_get_direction (c->h);
+  if (fd == -1)
+    return;
+  fds[0].fd = fd;
+  fds[0].events = ((dir & LIBNBD_AIO_DIRECTION_READ) ? POLLIN : 0) |
+    ((dir & LIBNBD_AIO_DIRECTION_WRITE) ? POLLOUT : 0);
+  fds[0].revents = 0;
+  fds[1].fd = c->wakefd;
+  fds[1].events = POLLIN;
+  fds[1].revents = 0;
+  if (poll (fds, 2, -1) == -1)
+    return;
+  if (fds[1].revents & POLLIN) {
+    uint64_t v;
+    if (read (c->wakefd, &v, sizeof v) == -1) {
+      /* already drained by someone else */
     }
-    if (fds[1].revents & POLLIN) {
-      uint64_t v;
-      if (read (c->wakefd, &v, sizeof v) == -1) {
-        /* nothing to do: the counter was already drained */
-      }
-    }
-    if ((dir & LIBNBD_AIO_DIRECTION_READ) &&
-        (fds[0].revents & (POLLIN | POLLHUP | POLLERR)))
-      nbd_aio_notify_read (c->h);
-    else if ((dir & LIBNBD_AIO_DIRECTION_WRITE) &&
-             (fds[0].revents & (POLLOUT | POLLHUP | POLLERR)))
-      nbd_aio_notify_write (c->h);
   }
-  __atomic_store_n (&c->dead, true, __ATOMIC_RELEASE);
-  return NULL;
+  if ((dir & LIBNBD_AIO_DIRECTION_READ) &&
+      (fds[0].revents & (POLLIN | POLLHUP | POLLERR)))
+    nbd_aio_notify_read (c->h);
+  else if ((dir & LIBNBD_AIO_DIRECTION_WRITE) &&
+           (fds[0].revents & (POLLOUT | POLLHUP | POLLERR)))
+    nbd_aio_notify_write (c->h);
+}
+
+/* Wait for every piece of r.  There is no thread of our own (threads
+ * would not survive nbdkit's fork into the background, and one started
+ * before the fork would stay in the parent, reading our socket): the
+ * waiting threads take turns at polling the connection.
+ */
+static void
+req_wait (struct conn *c, struct req *r)
+{
+  pthread_mutex_lock (&done_lock);
+  while (r->pending > 0) {
+    if (c->polling) {
+      pthread_cond_wait (&done_cond, &done_lock);
+      continue;
+    }
+    c->polling = true;
+    pthread_mutex_unlock (&done_lock);
+    poll_once (c);
+    pthread_mutex_lock (&done_lock);
+    c->polling = false;
+    if (r->pending > 0 && conn_dead (c)) {
+      /* libnbd completes every command when the handle dies; this is
+       * a safety net against waiting forever.
+       */
+      r->err = r->err ? r->err : ENOTCONN;
+      break;
+    }
+    pthread_cond_broadcast (&done_cond);
+  }
+  pthread_cond_broadcast (&done_cond);
+  pthread_mutex_unlock (&done_lock);
 }
 
 static void
-conn_free (struct conn *c, bool join)
+conn_free (struct conn *c)
 {
   if (c == NULL)
     return;
-  if (join && c->thread_pid == getpid ()) {
-    uint64_t one = 1;
-    __atomic_store_n (&c->stop, true, __ATOMIC_RELEASE);
-    if (write (c->wakefd, &one, sizeof one) == -1) {
-      /* the poller will still see stop at its next wake-up */
-    }
-    pthread_join (c->thread, NULL);
-  }
   if (c->h)
     nbd_close (c->h);
   if (c->wakefd >= 0)
@@ -841,7 +862,7 @@ conn_new (struct nbd_io *n, const char *name, bool first)
     if (sz != n->size) {
       q2_error ("%s: the NBD export changed size from %" PRIi64 " to %"
                 PRIi64 " bytes; refusing to use it", name, n->size, sz);
-      conn_free (c, false);
+      conn_free (c);
       errno = EIO;
       return NULL;
     }
@@ -851,14 +872,13 @@ conn_new (struct nbd_io *n, const char *name, bool first)
   {
     int err = nbd_get_errno ();
     q2_error ("%s: %s", name, nbd_get_error ());
-    conn_free (c, false);
+    conn_free (c);
     errno = err ? err : EIO;
     return NULL;
   }
 }
 
-/* A connection for one request, with c->users raised and a poller
- * running in this process.  NULL (reported, errno EIO) if the server
+/* A connection for one request, with c->users raised.  NULL (reported, errno EIO) if the server
  * cannot be reached.
  */
 static struct conn *
@@ -870,11 +890,11 @@ conn_get (struct nbd_io *n)
   pthread_mutex_lock (&n->lock);
   i = n->next++ % n->max_conns;
   c = n->conns[i];
-  if (c && __atomic_load_n (&c->dead, __ATOMIC_ACQUIRE) && c->users == 0) {
-    conn_free (c, true);
+  if (c && c->users == 0 && conn_dead (c)) {
+    conn_free (c);
     c = n->conns[i] = NULL;
   }
-  if (c && __atomic_load_n (&c->dead, __ATOMIC_ACQUIRE)) {
+  if (c && conn_dead (c)) {
     n->down_logged = true;
     pthread_mutex_unlock (&n->lock);
     q2_error ("%s: the NBD server went away", n->io.name);
@@ -894,17 +914,6 @@ conn_get (struct nbd_io *n)
     if (n->down_logged)
       q2_debug ("%s: reconnected to the NBD server", n->io.name);
     n->down_logged = false;
-  }
-  if (c->thread_pid != getpid ()) {
-    int e = pthread_create (&c->thread, NULL, poller, c);
-    if (e) {
-      pthread_mutex_unlock (&n->lock);
-      errno = e;
-      q2_error ("%s: pthread_create: %m", n->io.name);
-      errno = EIO;
-      return NULL;
-    }
-    c->thread_pid = getpid ();
   }
   c->users++;
   pthread_mutex_unlock (&n->lock);
@@ -927,16 +936,6 @@ wake (struct conn *c)
   if (write (c->wakefd, &one, sizeof one) == -1) {
     /* EAGAIN: the counter is already non-zero, the poller will wake */
   }
-}
-
-/* Wait for every piece of r. */
-static void
-req_wait (struct req *r)
-{
-  pthread_mutex_lock (&done_lock);
-  while (r->pending > 0)
-    pthread_cond_wait (&done_cond, &done_lock);
-  pthread_mutex_unlock (&done_lock);
 }
 
 static int
@@ -983,7 +982,7 @@ nbd_io_pread (struct q2_io *io, void *buf, size_t cnt, uint64_t off)
       avail -= len;
     }
     wake (c);
-    req_wait (&r);
+    req_wait (c, &r);
     conn_put (n, c);
     if (r.err) {
       if (msg)
@@ -1068,7 +1067,7 @@ nbd_io_data_status (struct q2_io *io, uint64_t off, uint64_t cnt,
     s.r.err = EIO;
   }
   wake (c);
-  req_wait (&s.r);
+  req_wait (c, &s.r);
   conn_put (n, c);
   if (s.r.err)
     return Q2_FAIL (EIO, "%s: block status at offset %" PRIu64 ": %s",
@@ -1087,7 +1086,7 @@ nbd_io_close (struct q2_io *io)
   unsigned i;
 
   for (i = 0; i < NBD_MAX_CONNS; i++)
-    conn_free (n->conns[i], true);
+    conn_free (n->conns[i]);
   pthread_mutex_destroy (&n->lock);
   free (n->uri);
 }
