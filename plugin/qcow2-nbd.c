@@ -696,6 +696,7 @@ struct conn {
   int wakefd;                   /* eventfd: wake the polling thread */
   bool polling;                 /* a thread is polling (under done_lock) */
   unsigned users;               /* requests using it (under nbd_io.lock) */
+  bool orphan;                  /* dead and replaced: free at users == 0 */
 };
 
 struct nbd_io {
@@ -878,11 +879,12 @@ conn_new (struct nbd_io *n, const char *name, bool first)
   }
 }
 
-/* A connection for one request, with c->users raised.  NULL (reported, errno EIO) if the server
+/* A connection for one request, with c->users raised; fresh: a new
+ * one (after a failure, the others may be stale too).  NULL (reported, errno EIO) if the server
  * cannot be reached.
  */
 static struct conn *
-conn_get (struct nbd_io *n)
+conn_get (struct nbd_io *n, bool fresh)
 {
   struct conn *c;
   unsigned i;
@@ -890,16 +892,13 @@ conn_get (struct nbd_io *n)
   pthread_mutex_lock (&n->lock);
   i = n->next++ % n->max_conns;
   c = n->conns[i];
-  if (c && c->users == 0 && conn_dead (c)) {
-    conn_free (c);
+  if (c && (fresh || conn_dead (c))) {
+    /* Replace it; requests still using it free it when they finish. */
+    if (c->users == 0)
+      conn_free (c);
+    else
+      c->orphan = true;
     c = n->conns[i] = NULL;
-  }
-  if (c && conn_dead (c)) {
-    n->down_logged = true;
-    pthread_mutex_unlock (&n->lock);
-    q2_error ("%s: the NBD server went away", n->io.name);
-    errno = EIO;
-    return NULL;
   }
   if (c == NULL) {
     c = conn_new (n, n->io.name, false);
@@ -924,7 +923,8 @@ static void
 conn_put (struct nbd_io *n, struct conn *c)
 {
   pthread_mutex_lock (&n->lock);
-  c->users--;
+  if (--c->users == 0 && c->orphan)
+    conn_free (c);
   pthread_mutex_unlock (&n->lock);
 }
 
@@ -936,6 +936,54 @@ wake (struct conn *c)
   if (write (c->wakefd, &one, sizeof one) == -1) {
     /* EAGAIN: the counter is already non-zero, the poller will wake */
   }
+}
+
+/* One batch of up to NBD_MAX_PIECES requests, in flight together.
+ * Returns 0, or an errno with the message in msg.  *dead: on entry,
+ * use a new connection; on return, the connection died (worth one
+ * retry on a new one).
+ */
+static int
+read_batch (struct nbd_io *n, char *p, size_t len, uint64_t off,
+            char *msg, size_t msglen, bool *dead)
+{
+  struct req r = { 0 };
+  struct conn *c = conn_get (n, *dead);
+
+  *dead = false;
+  if (c == NULL) {
+    snprintf (msg, msglen, "no connection to the NBD server");
+    return EIO;
+  }
+  while (len > 0) {
+    size_t l = len < NBD_MAX_REQUEST ? len : NBD_MAX_REQUEST;
+    nbd_completion_callback cb = { .callback = complete_cb, .user_data = &r };
+
+    pthread_mutex_lock (&done_lock);
+    r.pending++;
+    pthread_mutex_unlock (&done_lock);
+    if (nbd_aio_pread (c->h, p, l, off, cb, 0) == -1) {
+      snprintf (msg, msglen, "%s", nbd_get_error ());
+      pthread_mutex_lock (&done_lock);
+      r.pending--;
+      if (r.err == 0)
+        r.err = EIO;
+      pthread_mutex_unlock (&done_lock);
+      break;
+    }
+    p += l;
+    off += l;
+    len -= l;
+  }
+  wake (c);
+  req_wait (c, &r);
+  if (r.err) {
+    *dead = conn_dead (c);
+    if (msg[0] == '\0')
+      snprintf (msg, msglen, "%s", strerror (r.err));
+  }
+  conn_put (n, c);
+  return r.err;
 }
 
 static int
@@ -952,45 +1000,27 @@ nbd_io_pread (struct q2_io *io, void *buf, size_t cnt, uint64_t off)
   memset (p + avail, 0, cnt - avail);
 
   while (avail > 0) {
-    struct req r = { 0 };
-    struct conn *c = conn_get (n);
-    const char *msg = NULL;
-    unsigned k;
+    size_t len = avail < (size_t) NBD_MAX_PIECES * NBD_MAX_REQUEST
+      ? avail : (size_t) NBD_MAX_PIECES * NBD_MAX_REQUEST;
+    char msg[256] = "";
+    bool dead = false;
+    int err = read_batch (n, p, len, off, msg, sizeof msg, &dead);
 
-    if (c == NULL)
-      return Q2_FAIL (EIO, "%s: read at offset %" PRIu64 ": no connection "
-                      "to the NBD server", io->name, off);
-    for (k = 0; k < NBD_MAX_PIECES && avail > 0; k++) {
-      size_t len = avail < NBD_MAX_REQUEST ? avail : NBD_MAX_REQUEST;
-      nbd_completion_callback cb = { .callback = complete_cb,
-                                     .user_data = &r };
-
-      pthread_mutex_lock (&done_lock);
-      r.pending++;
-      pthread_mutex_unlock (&done_lock);
-      if (nbd_aio_pread (c->h, p, len, off, cb, 0) == -1) {
-        msg = nbd_get_error ();
-        pthread_mutex_lock (&done_lock);
-        r.pending--;
-        if (r.err == 0)
-          r.err = EIO;
-        pthread_mutex_unlock (&done_lock);
-        break;
-      }
-      p += len;
-      off += len;
-      avail -= len;
+    if (err && dead) {
+      /* A connection that died since its last use (the server was
+       * restarted): once more on a new connection.
+       */
+      q2_debug ("%s: read at offset %" PRIu64 ": %s; reconnecting",
+                io->name, off, msg);
+      msg[0] = '\0';
+      err = read_batch (n, p, len, off, msg, sizeof msg, &dead);
     }
-    wake (c);
-    req_wait (c, &r);
-    conn_put (n, c);
-    if (r.err) {
-      if (msg)
-        return Q2_FAIL (EIO, "%s: read at offset %" PRIu64 ": %s",
-                        io->name, off, msg);
+    if (err)
       return Q2_FAIL (EIO, "%s: read at offset %" PRIu64 " failed: %s",
-                      io->name, off, strerror (r.err));
-    }
+                      io->name, off, msg);
+    p += len;
+    off += len;
+    avail -= len;
   }
   return 0;
 }
@@ -1038,16 +1068,45 @@ extent_cb (void *user_data, const char *context, uint64_t offset,
 }
 
 static int
+status_once (struct nbd_io *n, uint64_t off, uint64_t cnt,
+             struct status_req *s, char *msg, size_t msglen, bool *dead)
+{
+  nbd_extent_callback ecb = { .callback = extent_cb, .user_data = s };
+  nbd_completion_callback ccb = { .callback = complete_cb,
+                                  .user_data = &s->r };
+  struct conn *c = conn_get (n, *dead);
+
+  *dead = false;
+  *s = (struct status_req) { .r.pending = 1, .off = off };
+  if (c == NULL) {
+    snprintf (msg, msglen, "no connection to the NBD server");
+    return EIO;
+  }
+  if (nbd_aio_block_status (c->h, cnt, off, ecb, ccb, 0) == -1) {
+    snprintf (msg, msglen, "%s", nbd_get_error ());
+    s->r.pending = 0;
+    s->r.err = EIO;
+  }
+  wake (c);
+  req_wait (c, &s->r);
+  if (s->r.err) {
+    *dead = conn_dead (c);
+    if (msg[0] == '\0')
+      snprintf (msg, msglen, "%s", strerror (s->r.err));
+  }
+  conn_put (n, c);
+  return s->r.err;
+}
+
+static int
 nbd_io_data_status (struct q2_io *io, uint64_t off, uint64_t cnt,
                     uint64_t *len, bool *is_data)
 {
   struct nbd_io *n = (struct nbd_io *) io;
-  struct status_req s = { .r.pending = 1, .off = off };
-  nbd_extent_callback ecb = { .callback = extent_cb, .user_data = &s };
-  nbd_completion_callback ccb = { .callback = complete_cb,
-                                  .user_data = &s.r };
-  const char *msg = NULL;
-  struct conn *c;
+  struct status_req s;
+  char msg[256] = "";
+  bool dead = false;
+  int err;
 
   *len = cnt;
   *is_data = true;
@@ -1057,21 +1116,16 @@ nbd_io_data_status (struct q2_io *io, uint64_t off, uint64_t cnt,
     cnt = *len = n->size - off;
   if (cnt > 1 << 30)
     cnt = 1 << 30;
-  c = conn_get (n);
-  if (c == NULL)
-    return Q2_FAIL (EIO, "%s: block status at offset %" PRIu64 ": no "
-                    "connection to the NBD server", io->name, off);
-  if (nbd_aio_block_status (c->h, cnt, off, ecb, ccb, 0) == -1) {
-    msg = nbd_get_error ();
-    s.r.pending = 0;
-    s.r.err = EIO;
+  err = status_once (n, off, cnt, &s, msg, sizeof msg, &dead);
+  if (err && dead) {
+    q2_debug ("%s: block status at offset %" PRIu64 ": %s; reconnecting",
+              io->name, off, msg);
+    msg[0] = '\0';
+    err = status_once (n, off, cnt, &s, msg, sizeof msg, &dead);
   }
-  wake (c);
-  req_wait (c, &s.r);
-  conn_put (n, c);
-  if (s.r.err)
-    return Q2_FAIL (EIO, "%s: block status at offset %" PRIu64 ": %s",
-                    io->name, off, msg ? msg : strerror (s.r.err));
+  if (err)
+    return Q2_FAIL (EIO, "%s: block status at offset %" PRIu64 " failed: %s",
+                    io->name, off, msg);
   if (s.got && s.len > 0) {
     *len = s.len < cnt ? s.len : cnt;
     *is_data = s.is_data;
