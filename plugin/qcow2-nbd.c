@@ -686,7 +686,9 @@ q2_nbd_name_to_uri (const char *name)
 /* ---------------------------------------------------------------- */
 /* I/O over libnbd */
 
+#ifndef NBD_MAX_CONNS
 #define NBD_MAX_CONNS 4
+#endif
 /* Largest piece of one request; pieces of a large read go out together. */
 #define NBD_MAX_REQUEST (4 * 1024 * 1024)
 #define NBD_MAX_PIECES 16
@@ -695,6 +697,7 @@ struct conn {
   struct nbd_handle *h;
   int wakefd;                   /* eventfd: wake the polling thread */
   bool polling;                 /* a thread is polling (under done_lock) */
+  struct req *waiters;          /* requests waiting (under done_lock) */
   unsigned users;               /* requests using it (under nbd_io.lock) */
   bool orphan;                  /* dead and replaced: free at users == 0 */
 };
@@ -713,11 +716,16 @@ struct nbd_io {
 
 /* Completion: shared by every request. */
 static pthread_mutex_t done_lock = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t done_cond = PTHREAD_COND_INITIALIZER;
 
+/* One request (some pieces in flight).  Its owner sleeps on cond, which
+ * is signalled when the last piece completes, or when the owner is
+ * handed the job of polling the connection.
+ */
 struct req {
   unsigned pending;             /* under done_lock */
   int err;
+  pthread_cond_t cond;
+  struct req *next;             /* in conn->waiters */
 };
 
 static int
@@ -728,8 +736,8 @@ complete_cb (void *user_data, int *error)
   pthread_mutex_lock (&done_lock);
   if (*error && r->err == 0)
     r->err = *error;
-  r->pending--;
-  pthread_cond_broadcast (&done_cond);
+  if (--r->pending == 0)
+    pthread_cond_signal (&r->cond);
   pthread_mutex_unlock (&done_lock);
   return 1;                     /* retire the command */
 }
@@ -779,18 +787,34 @@ poll_once (struct conn *c)
     nbd_aio_notify_write (c->h);
 }
 
+static void
+wake (struct conn *c)
+{
+  uint64_t one = 1;
+
+  if (write (c->wakefd, &one, sizeof one) == -1) {
+    /* EAGAIN: the counter is already non-zero, the poller will wake */
+  }
+}
+
 /* Wait for every piece of r.  There is no thread of our own (threads
  * would not survive nbdkit's fork into the background, and one started
  * before the fork would stay in the parent, reading our socket): the
- * waiting threads take turns at polling the connection.
+ * waiting threads take turns at polling the connection.  One polls; the
+ * others sleep until their own request completes or the poller leaves
+ * and hands the job on.
  */
 static void
 req_wait (struct conn *c, struct req *r)
 {
+  struct req **pp;
+
   pthread_mutex_lock (&done_lock);
+  r->next = c->waiters;
+  c->waiters = r;
   while (r->pending > 0) {
     if (c->polling) {
-      pthread_cond_wait (&done_cond, &done_lock);
+      pthread_cond_wait (&r->cond, &done_lock);
       continue;
     }
     c->polling = true;
@@ -805,10 +829,35 @@ req_wait (struct conn *c, struct req *r)
       r->err = r->err ? r->err : ENOTCONN;
       break;
     }
-    pthread_cond_broadcast (&done_cond);
   }
-  pthread_cond_broadcast (&done_cond);
+  for (pp = &c->waiters; *pp != r; pp = &(*pp)->next)
+    ;
+  *pp = r->next;
+  /* Someone must go on polling for the others. */
+  if (!c->polling && c->waiters)
+    pthread_cond_signal (&c->waiters->cond);
   pthread_mutex_unlock (&done_lock);
+}
+
+static void
+req_init (struct req *r)
+{
+  r->pending = 0;
+  r->err = 0;
+  r->next = NULL;
+  pthread_cond_init (&r->cond, NULL);
+}
+
+/* After submitting: if the command could not be sent at once and a
+ * thread sleeps in poll() waiting only to read, wake it so that it
+ * writes.
+ */
+static void
+kick (struct conn *c)
+{
+  if (__atomic_load_n (&c->polling, __ATOMIC_RELAXED) &&
+      (nbd_aio_get_direction (c->h) & LIBNBD_AIO_DIRECTION_WRITE))
+    wake (c);
 }
 
 static void
@@ -928,16 +977,6 @@ conn_put (struct nbd_io *n, struct conn *c)
   pthread_mutex_unlock (&n->lock);
 }
 
-static void
-wake (struct conn *c)
-{
-  uint64_t one = 1;
-
-  if (write (c->wakefd, &one, sizeof one) == -1) {
-    /* EAGAIN: the counter is already non-zero, the poller will wake */
-  }
-}
-
 /* One batch of up to NBD_MAX_PIECES requests, in flight together.
  * Returns 0, or an errno with the message in msg.  *dead: on entry,
  * use a new connection; on return, the connection died (worth one
@@ -947,7 +986,7 @@ static int
 read_batch (struct nbd_io *n, char *p, size_t len, uint64_t off,
             char *msg, size_t msglen, bool *dead)
 {
-  struct req r = { 0 };
+  struct req r;
   struct conn *c = conn_get (n, *dead);
 
   *dead = false;
@@ -955,6 +994,7 @@ read_batch (struct nbd_io *n, char *p, size_t len, uint64_t off,
     snprintf (msg, msglen, "no connection to the NBD server");
     return EIO;
   }
+  req_init (&r);
   while (len > 0) {
     size_t l = len < NBD_MAX_REQUEST ? len : NBD_MAX_REQUEST;
     nbd_completion_callback cb = { .callback = complete_cb, .user_data = &r };
@@ -975,8 +1015,9 @@ read_batch (struct nbd_io *n, char *p, size_t len, uint64_t off,
     off += l;
     len -= l;
   }
-  wake (c);
+  kick (c);
   req_wait (c, &r);
+  pthread_cond_destroy (&r.cond);
   if (r.err) {
     *dead = conn_dead (c);
     if (msg[0] == '\0')
@@ -1077,18 +1118,21 @@ status_once (struct nbd_io *n, uint64_t off, uint64_t cnt,
   struct conn *c = conn_get (n, *dead);
 
   *dead = false;
-  *s = (struct status_req) { .r.pending = 1, .off = off };
+  *s = (struct status_req) { .off = off };
   if (c == NULL) {
     snprintf (msg, msglen, "no connection to the NBD server");
     return EIO;
   }
+  req_init (&s->r);
+  s->r.pending = 1;
   if (nbd_aio_block_status (c->h, cnt, off, ecb, ccb, 0) == -1) {
     snprintf (msg, msglen, "%s", nbd_get_error ());
     s->r.pending = 0;
     s->r.err = EIO;
   }
-  wake (c);
+  kick (c);
   req_wait (c, &s->r);
+  pthread_cond_destroy (&s->r.cond);
   if (s->r.err) {
     *dead = conn_dead (c);
     if (msg[0] == '\0')
