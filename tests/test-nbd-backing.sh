@@ -56,6 +56,18 @@ done
 compare_map "$tmp/ov1.qcow2" "$A"
 compare_map "$tmp/ov3.qcow2" "$A"
 
+# nbdkit sparse-random as the backing server: holes and data, which
+# the extents must pass through as qemu-nbd sees them.
+SR=$tmp/sparse.sock
+rnd 1000000
+start_backing "$SR" sparse-random "$size" seed=$R percent=30
+ovs=$tmp/ovs.qcow2
+mkimg "$ovs" "$size" -u -b "nbd+unix:///?socket=$SR" -F raw
+random_fill "$ovs" "$size" n=15 zeroes=20 discards=10
+ref_raw "$ovs" "$tmp/refs.raw"
+compare_read --expect "$tmp/refs.raw" "$ovs" "$A"
+compare_map "$ovs" "$A"
+
 # qcow2 over NBD: a qcow2 file exported raw by nbdkit file.
 qb=$tmp/qbase.qcow2
 mkimg "$qb" "$size" -o cluster_size=16384
