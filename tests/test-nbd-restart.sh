@@ -50,6 +50,24 @@ printf '\126%.0s' $(seq 4096) | dd of="$tmp/exp2.raw" bs=4096 seek=1 conv=notrun
 nbdcopy "$puri" "$tmp/got2.raw"
 cmp -s "$tmp/exp2.raw" "$tmp/got2.raw" || { show_diff "$tmp/exp2.raw" "$tmp/got2.raw"; fail "after the restart: contents differ"; }
 echo "ok: healed after the server came back"
+
+# Killed with many requests in flight (the server delays every read):
+# the copy fails, the plugin neither hangs nor dies, and heals again.
+stop_backing "$S"
+start_backing "$S" --filter=delay file "$base" rdelay=500ms
+r=0
+timeout 60 nbdcopy --requests=32 --request-size=65536 "$puri" "$tmp/got3.raw" 2>"$tmp/copy3.log" &
+copy_pid=$!
+sleep 1
+stop_backing "$S"
+wait "$copy_pid" || r=$?
+[ "$r" -ne 124 ] || fail "a copy hung after the server died mid-flight"
+[ "$r" -ne 0 ] || echo "note: the copy finished before the kill"
+kill -0 "$plugin_pid" || fail "the plugin died"
+start_backing "$S" file "$base"
+nbdcopy "$puri" "$tmp/got4.raw"
+cmp -s "$tmp/exp2.raw" "$tmp/got4.raw" || fail "after a mid-flight kill and restart: contents differ"
+echo "ok: server killed with requests in flight (copy exit $r), healed"
 stop_plugin "$P"
 qemu-img check -q "$ov" || fail "qemu-img check found problems"
 echo "PASS"
