@@ -739,7 +739,11 @@ complete_cb (void *user_data, int *error)
   if (--r->pending == 0)
     pthread_cond_signal (&r->cond);
   pthread_mutex_unlock (&done_lock);
-  return 1;                     /* retire the command */
+  /* Not retired here: libnbd 1.14's nbd_aio_* read the command again
+   * after a failed send may already have completed it, so the owner
+   * retires it with nbd_aio_command_completed once it has the cookie.
+   */
+  return 0;
 }
 
 static bool
@@ -988,6 +992,8 @@ read_batch (struct nbd_io *n, char *p, size_t len, uint64_t off,
 {
   struct req r;
   struct conn *c = conn_get (n, *dead);
+  int64_t cookies[NBD_MAX_PIECES];
+  unsigned nc = 0, i;
 
   *dead = false;
   if (c == NULL) {
@@ -1002,7 +1008,9 @@ read_batch (struct nbd_io *n, char *p, size_t len, uint64_t off,
     pthread_mutex_lock (&done_lock);
     r.pending++;
     pthread_mutex_unlock (&done_lock);
-    if (nbd_aio_pread (c->h, p, l, off, cb, 0) == -1) {
+    int64_t ck = nbd_aio_pread (c->h, p, l, off, cb, 0);
+
+    if (ck == -1) {
       snprintf (msg, msglen, "%s", nbd_get_error ());
       pthread_mutex_lock (&done_lock);
       r.pending--;
@@ -1011,6 +1019,7 @@ read_batch (struct nbd_io *n, char *p, size_t len, uint64_t off,
       pthread_mutex_unlock (&done_lock);
       break;
     }
+    cookies[nc++] = ck;
     p += l;
     off += l;
     len -= l;
@@ -1018,6 +1027,8 @@ read_batch (struct nbd_io *n, char *p, size_t len, uint64_t off,
   kick (c);
   req_wait (c, &r);
   pthread_cond_destroy (&r.cond);
+  for (i = 0; i < nc; i++)
+    nbd_aio_command_completed (c->h, cookies[i]);
   if (r.err) {
     *dead = conn_dead (c);
     if (msg[0] == '\0')
@@ -1116,6 +1127,7 @@ status_once (struct nbd_io *n, uint64_t off, uint64_t cnt,
   nbd_completion_callback ccb = { .callback = complete_cb,
                                   .user_data = &s->r };
   struct conn *c = conn_get (n, *dead);
+  int64_t ck;
 
   *dead = false;
   *s = (struct status_req) { .off = off };
@@ -1125,7 +1137,8 @@ status_once (struct nbd_io *n, uint64_t off, uint64_t cnt,
   }
   req_init (&s->r);
   s->r.pending = 1;
-  if (nbd_aio_block_status (c->h, cnt, off, ecb, ccb, 0) == -1) {
+  ck = nbd_aio_block_status (c->h, cnt, off, ecb, ccb, 0);
+  if (ck == -1) {
     snprintf (msg, msglen, "%s", nbd_get_error ());
     s->r.pending = 0;
     s->r.err = EIO;
@@ -1133,6 +1146,8 @@ status_once (struct nbd_io *n, uint64_t off, uint64_t cnt,
   kick (c);
   req_wait (c, &s->r);
   pthread_cond_destroy (&s->r.cond);
+  if (ck != -1)
+    nbd_aio_command_completed (c->h, ck);
   if (s->r.err) {
     *dead = conn_dead (c);
     if (msg[0] == '\0')
