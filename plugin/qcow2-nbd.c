@@ -45,6 +45,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <libnbd.h>
@@ -883,6 +884,38 @@ conn_free (struct conn *c)
   free (c);
 }
 
+/* Later connections are made while requests wait (under nbd_io.lock),
+ * so they must not hang: a server that advertises multi-conn may still
+ * leave extra clients waiting in its backlog.
+ */
+#define NBD_CONNECT_TIMEOUT_MS 5000
+
+static int
+connect_timed (struct nbd_handle *h, const char *uri)
+{
+  struct timespec t0, t;
+  long ms;
+
+  clock_gettime (CLOCK_MONOTONIC, &t0);
+  if (nbd_aio_connect_uri (h, uri) == -1)
+    return -1;
+  while (nbd_aio_is_connecting (h)) {
+    clock_gettime (CLOCK_MONOTONIC, &t);
+    ms = (t.tv_sec - t0.tv_sec) * 1000 + (t.tv_nsec - t0.tv_nsec) / 1000000;
+    if (ms >= NBD_CONNECT_TIMEOUT_MS) {
+      q2_error ("%s: the NBD server did not complete the handshake within "
+                "%d ms", uri, NBD_CONNECT_TIMEOUT_MS);
+      errno = ETIMEDOUT;
+      return -2;
+    }
+    if (nbd_poll (h, NBD_CONNECT_TIMEOUT_MS - ms) == -1)
+      return -1;
+  }
+  if (!nbd_aio_is_ready (h))
+    return -1;
+  return 0;
+}
+
 /* Connect; report failures with libnbd's message. */
 static struct conn *
 conn_new (struct nbd_io *n, const char *name, bool first)
@@ -902,9 +935,22 @@ conn_new (struct nbd_io *n, const char *name, bool first)
   c->h = nbd_create ();
   if (c->h == NULL)
     goto nbd_err;
-  if (nbd_add_meta_context (c->h, LIBNBD_CONTEXT_BASE_ALLOCATION) == -1 ||
-      nbd_connect_uri (c->h, n->uri) == -1)
+  if (nbd_add_meta_context (c->h, LIBNBD_CONTEXT_BASE_ALLOCATION) == -1)
     goto nbd_err;
+  if (first) {
+    if (nbd_connect_uri (c->h, n->uri) == -1)
+      goto nbd_err;
+  }
+  else {
+    int r = connect_timed (c->h, n->uri);
+    if (r == -2) {
+      conn_free (c);
+      errno = ETIMEDOUT;
+      return NULL;
+    }
+    if (r == -1)
+      goto nbd_err;
+  }
   if (first) {
     n->size = nbd_get_size (c->h);
     if (n->size == -1)
@@ -962,17 +1008,29 @@ conn_get (struct nbd_io *n, bool fresh)
   }
   if (c == NULL) {
     c = conn_new (n, n->io.name, false);
-    if (c == NULL) {
+    if (c == NULL && i > 0 && !fresh && n->conns[0] &&
+        !conn_dead (n->conns[0])) {
+      /* The server advertises multi-conn but will not take another
+       * client: keep to the one connection we have.
+       */
+      q2_debug ("%s: cannot open another connection to the NBD server; "
+                "using one", n->io.name);
+      n->max_conns = 1;
+      c = n->conns[0];
+    }
+    else if (c == NULL) {
       n->down_logged = true;
       pthread_mutex_unlock (&n->lock);
       q2_error ("%s: cannot reconnect to the NBD server", n->io.name);
       errno = EIO;
       return NULL;
     }
-    n->conns[i] = c;
-    if (n->down_logged)
-      q2_debug ("%s: reconnected to the NBD server", n->io.name);
-    n->down_logged = false;
+    else {
+      n->conns[i] = c;
+      if (n->down_logged)
+        q2_debug ("%s: reconnected to the NBD server", n->io.name);
+      n->down_logged = false;
+    }
   }
   c->users++;
   pthread_mutex_unlock (&n->lock);

@@ -8,25 +8,10 @@
 # backing= naming a URI over an image whose recorded backing is gone.
 [ -n "${BASH_VERSION:-}" ] || exec bash "$0" "$@"
 . "${srcdir:-${0%/*}}/functions.sh"
-requires nbdinfo qemu-nbd
+. "${srcdir:-${0%/*}}/nbd-lib.sh"
+requires qemu-nbd
 
 size=$((24*1024*1024))
-
-# start_backing SOCK ARGS...: an nbdkit backing server in the background.
-start_backing ()
-{
-    local sock=$1 pidf=$1.pid
-    shift
-    rm -f "$sock" "$pidf"
-    nbdkit -U "$sock" -P "$pidf" "$@" || fail "nbdkit $* did not start"
-    local i
-    for (( i = 0; i < 100; i++ )); do
-        [ -s "$pidf" ] && break
-        sleep 0.1
-    done
-    [ -s "$pidf" ] || fail "nbdkit $* wrote no pid file"
-    cleanup_fn kill "$(cat "$pidf")"
-}
 
 # Raw base with a hole at the end, served by nbdkit file.
 base=$tmp/base.raw
@@ -67,6 +52,25 @@ random_fill "$ovs" "$size" n=15 zeroes=20 discards=10
 ref_raw "$ovs" "$tmp/refs.raw"
 compare_read --expect "$tmp/refs.raw" "$ovs" "$A"
 compare_map "$ovs" "$A"
+
+# Servers that differ: no multi-conn (one connection, requests in
+# flight), multi-conn advertised but only one client allowed (we must
+# fall back to one connection), and no base:allocation (extents say
+# data, as qemu's do).  Same overlay as ov1, its backing name overridden.
+for variant in "multi-conn multi-conn-mode=disable" "limit limit=1" "noextents"; do
+    V=$tmp/variant.sock
+    start_backing "$V" --filter=${variant%% *} file "$base" \
+        $( [ "${variant#* }" != "$variant" ] && echo "${variant#* }" )
+    compare_read --expect "$tmp/ref1.raw" "$tmp/ov1.qcow2" \
+        backing="nbd+unix:///?socket=$V"
+    if [ "$variant" = noextents ]; then
+        cp "$tmp/ov1.qcow2" "$tmp/ovn.qcow2"
+        qemu-img rebase -u -f qcow2 -b "nbd+unix:///?socket=$V" -F raw \
+            "$tmp/ovn.qcow2"
+        compare_map "$tmp/ovn.qcow2" "$A"
+    fi
+    stop_backing "$V"
+done
 
 # qcow2 over NBD: a qcow2 file exported raw by nbdkit file.
 qb=$tmp/qbase.qcow2
