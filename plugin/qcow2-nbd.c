@@ -1164,7 +1164,7 @@ struct status_req {
   struct req r;
   uint64_t off;
   uint64_t len;
-  bool is_data;
+  uint32_t flags;               /* NBD base:allocation flags */
   bool got;
 };
 
@@ -1180,7 +1180,7 @@ extent_cb (void *user_data, const char *context, uint64_t offset,
   /* Only the first extent: it starts at the requested offset. */
   s->got = true;
   s->len = entries[0];
-  s->is_data = !(entries[1] & LIBNBD_STATE_HOLE);
+  s->flags = entries[1];
   return 0;
 }
 
@@ -1222,9 +1222,12 @@ status_once (struct nbd_io *n, uint64_t off, uint64_t cnt,
   return s->r.err;
 }
 
+/* HOLE and ZERO pass through as the server reports them (the NBD
+ * flag values are ours).  Without base:allocation: data.
+ */
 static int
-nbd_io_data_status (struct q2_io *io, uint64_t off, uint64_t cnt,
-                    uint64_t *len, bool *is_data)
+nbd_io_status (struct q2_io *io, uint64_t off, uint64_t cnt,
+               uint64_t *len, unsigned *flags)
 {
   struct nbd_io *n = (struct nbd_io *) io;
   struct status_req s;
@@ -1233,11 +1236,15 @@ nbd_io_data_status (struct q2_io *io, uint64_t off, uint64_t cnt,
   int err;
 
   *len = cnt;
-  *is_data = true;
-  if (!n->can_status || off >= (uint64_t) n->size)
+  *flags = 0;
+  if (off >= (uint64_t) n->size) {
+    *flags = Q2_STATUS_HOLE | Q2_STATUS_ZERO;
     return 0;
+  }
   if (cnt > (uint64_t) n->size - off)
     cnt = *len = n->size - off;
+  if (!n->can_status)
+    return 0;
   if (cnt > 1 << 30)
     cnt = 1 << 30;
   err = status_once (n, off, cnt, &s, msg, sizeof msg, &dead);
@@ -1252,7 +1259,8 @@ nbd_io_data_status (struct q2_io *io, uint64_t off, uint64_t cnt,
                     io->name, off, msg);
   if (s.got && s.len > 0) {
     *len = s.len < cnt ? s.len : cnt;
-    *is_data = s.is_data;
+    *flags = ((s.flags & LIBNBD_STATE_HOLE) ? Q2_STATUS_HOLE : 0) |
+      ((s.flags & LIBNBD_STATE_ZERO) ? Q2_STATUS_ZERO : 0);
   }
   return 0;
 }
@@ -1274,7 +1282,7 @@ static const struct q2_io_ops nbd_ops = {
   .pwrite = nbd_io_pwrite,
   .flush = nbd_io_flush,
   .size = nbd_io_size,
-  .data_status = nbd_io_data_status,
+  .status = nbd_io_status,
   .close = nbd_io_close,
 };
 

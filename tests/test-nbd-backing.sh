@@ -72,6 +72,19 @@ for variant in "multi-conn multi-conn-mode=disable" "limit limit=1" "noextents";
     stop_backing "$V"
 done
 
+# Every combination of the HOLE and ZERO flags from the server (the
+# extentlist filter says what we like) must pass through as qemu-nbd
+# passes it.
+printf '%s\n' "0 1M zero" "2M 1M hole,zero" "4M 1M hole" "6M 1M" \
+    "9M 3M zero" > "$tmp/extents.txt"
+E=$tmp/extents.sock
+start_backing "$E" --filter=extentlist file "$base" extentlist="$tmp/extents.txt"
+ove=$tmp/ove.qcow2
+mkimg "$ove" "$vsize" -u -b "nbd+unix:///?socket=$E" -F raw
+echo "write -P 5 5M 64k" | qio "$ove"
+echo "write -P 6 9M 4k" | qio "$ove"
+compare_map "$ove" "$A"
+
 # qcow2 over NBD: a qcow2 file exported raw by nbdkit file.
 qb=$tmp/qbase.qcow2
 mkimg "$qb" "$size" -o cluster_size=16384
