@@ -11,6 +11,7 @@
 #include <nbdkit-plugin.h>
 
 #include "qcow2-params.h"
+#include "qcow2-nbd.h"
 
 struct q2_params q2_params;
 
@@ -97,7 +98,8 @@ q2_params_config (const char *key, const char *value)
       return config_snapshot_op (k, value);
 
   if (strcmp (key, "backing") == 0) {
-    if (strcmp (value, "none") == 0)
+    /* NBD names (URIs, nbd:..., json:...) are not paths. */
+    if (strcmp (value, "none") == 0 || q2_nbd_is_name (value))
       return config_string (&p->backing, value);
     return config_path (&p->backing, value);
   }
@@ -138,6 +140,13 @@ q2_params_config (const char *key, const char *value)
                     value);
       return -1;
     }
+    return 0;
+  }
+  if (strcmp (key, "allow-remote-backing") == 0) {
+    int r = nbdkit_parse_bool (value);
+    if (r == -1)
+      return -1;
+    p->opts.allow_remote_backing = r;
     return 0;
   }
   if (strcmp (key, "password") == 0)

@@ -45,6 +45,8 @@ extern bool q2_params_nbdkit_readonly (void);
 /* Help text for the shared parameters (prefix "" or "qcow2-"). */
 #define Q2_PARAMS_HELP(p) \
   p "backing=<PATH>|none   Override the backing file named in the image.\n" \
+  p "backing=<NBD-URI>     Backing file on an NBD server (nbd://, nbd+unix://...).\n" \
+  p "allow-remote-backing=true  Follow NBD backing names found in images.\n" \
   p "backing-format=raw|qcow2  Format of the backing file (never probed).\n" \
   p "data-file=<PATH>      Override the external data file.\n" \
   p "snapshot=<ID|NAME>    Export an internal snapshot, read-only.\n" \
