@@ -22,6 +22,8 @@ extern void q2_debug (const char *fmt, ...)
 /* Report an error and return -1 with errno = err. */
 #define Q2_FAIL(err, ...) \
   (q2_error (__VA_ARGS__), errno = (err), -1)
+/* The front end's parameter prefix for messages (see q2_open_opts). */
+#define Q2_PREFIX(opts) ((opts)->param_prefix ? (opts)->param_prefix : "")
 
 /* ---- file access (qcow2-io.c) ----
  * All file access goes through this small interface so that tests can
