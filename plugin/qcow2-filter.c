@@ -317,6 +317,7 @@ next_io_new (nbdkit_next *next, const char *name)
   }
   n->io.ops = &next_ops;
   n->io.readonly = !w;
+  n->io.fixed_size = true;
   n->next = next;
   n->size = size;
   n->align = minimum > 1 ? minimum : 1;

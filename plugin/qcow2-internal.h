@@ -46,6 +46,10 @@ struct q2_io {
   char *name;                   /* for messages */
   bool readonly;
   dev_t dev;                    /* identity, for backing loop detection */
+  /* The file cannot grow past its size (an nbdkit plugin's export):
+   * allocate after the last refcounted cluster, not at the end.
+   */
+  bool fixed_size;
   ino_t ino;
 };
 
@@ -223,6 +227,8 @@ extern void q2_rc_free (struct q2_image *img);
 extern int q2_rc_get (struct q2_image *img, uint64_t cluster, uint64_t *rc);
 extern int q2_rc_add (struct q2_image *img, uint64_t cluster, int delta);
 extern int q2_rc_flush (struct q2_image *img);
+/* The cluster index past the last cluster with a non-zero refcount. */
+extern int q2_rc_used_end (struct q2_image *img, uint64_t *end);
 /* Give refcount range r a block (growing the table if needed). */
 extern int q2_rc_add_block (struct q2_image *img, uint64_t r);
 
