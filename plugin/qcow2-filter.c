@@ -6,8 +6,9 @@
  *
  * config (keys prefixed "qcow2-" are ours) -> after_fork opens one
  * shared context into the plugin and the one image this process
- * serves -> every connection shares it through the thread-safe layer,
- * so connections open no plugin context of their own -> cleanup closes.
+ * serves (or, if that fails, the next connection tries again) -> every
+ * connection shares it through the thread-safe layer, so connections
+ * open no plugin context of their own -> cleanup closes.
  *
  * Filters cannot learn of -r before the first connection, so the
  * shared context is opened for writing where the plugin allows it;
@@ -364,10 +365,44 @@ qcow2_load (void)
   q2_set_log_hooks (log_error, log_debug);
 }
 
+/* What messages call the image: the plugin's file, path, URL or
+ * socket parameter as given (without any user:password@ in a URL).
+ */
+static char *image_name;
+
 static void
 qcow2_unload (void)
 {
   q2_params_free ();
+  free (image_name);
+}
+
+static void
+note_image_name (const char *key, const char *value)
+{
+  static const char *const keys[] = { "file", "path", "url", "uri",
+                                      "socket", NULL };
+  const char *scheme, *at, *slash;
+  size_t i;
+  char *n;
+
+  for (i = 0; keys[i]; i++)
+    if (strcmp (key, keys[i]) == 0)
+      break;
+  if (keys[i] == NULL)
+    return;
+  n = strdup (value);
+  if (n == NULL)
+    return;
+  scheme = strstr (n, "://");
+  if (scheme) {
+    at = strchr (scheme + 3, '@');
+    slash = strchr (scheme + 3, '/');
+    if (at && (slash == NULL || at < slash))
+      memmove (n + (scheme + 3 - n), at + 1, strlen (at + 1) + 1);
+  }
+  free (image_name);
+  image_name = n;
 }
 
 /* Our keys carry the prefix; everything else is the plugin's. */
@@ -377,8 +412,10 @@ qcow2_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
 {
   int r;
 
-  if (strncmp (key, PREFIX, strlen (PREFIX)) != 0)
+  if (strncmp (key, PREFIX, strlen (PREFIX)) != 0) {
+    note_image_name (key, value);
     return next (nxdata, key, value);
+  }
   r = q2_params_config (key + strlen (PREFIX), value);
   if (r == 1) {
     nbdkit_error ("unknown parameter '%s'", key);
@@ -408,9 +445,13 @@ qcow2_get_ready (int model)
   return 0;
 }
 
-/* Open the shared context and the image, once, before any connection. */
+/* Open the shared context and the image.  Called with open_lock held
+ * (or before any connection).
+ */
+static pthread_mutex_t open_lock = PTHREAD_MUTEX_INITIALIZER;
+
 static int
-qcow2_after_fork (nbdkit_backend *backend)
+open_image (nbdkit_backend *backend)
 {
   struct q2_io *io;
 
@@ -424,7 +465,7 @@ qcow2_after_fork (nbdkit_backend *backend)
     return -1;
   if (shared->prepare (shared) == -1)
     goto fail;
-  io = next_io_new (shared, "qcow2 filter: the plugin's export");
+  io = next_io_new (shared, image_name ? image_name : "the plugin's export");
   if (io == NULL)
     goto fail;
   if (q2_open_io (io, &q2_params.opts, &image) == -1) {
@@ -440,6 +481,20 @@ qcow2_after_fork (nbdkit_backend *backend)
   return -1;
 }
 
+/* Open the image once, before any connection, so that every connection
+ * shares it.  nbdkit exits if .after_fork fails, but with --run the
+ * command would then wait for ever on the socket, so a failure here
+ * only leaves the image closed: every connection retries and fails
+ * with the error.
+ */
+static int
+qcow2_after_fork (nbdkit_backend *backend)
+{
+  if (open_image (backend) == -1)
+    nbdkit_debug ("qcow2: the image could not be opened; connections "
+                  "will try again");
+  return 0;
+}
 static void
 qcow2_cleanup (nbdkit_backend *backend)
 {
@@ -462,10 +517,13 @@ static void *
 qcow2_open (nbdkit_next_open *next, nbdkit_context *context,
             int readonly, const char *exportname, int is_tls)
 {
-  if (image == NULL) {
-    nbdkit_error ("qcow2: the image is not open");
+  pthread_mutex_lock (&open_lock);
+  if (image == NULL &&
+      open_image (nbdkit_context_get_backend (context)) == -1) {
+    pthread_mutex_unlock (&open_lock);
     return NULL;
   }
+  pthread_mutex_unlock (&open_lock);
   if (!readonly && q2_is_writable (image) && q2_check_writable (image) == -1)
     return NULL;
   return NBDKIT_HANDLE_NOT_NEEDED;
