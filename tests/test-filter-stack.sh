@@ -162,6 +162,24 @@ ref_raw "$cimg" "$tmp/c.got"
 cmp "$tmp/c.raw" "$tmp/c.got" || fail "writes over a 4k-block plugin: content differs"
 echo "ok: read and write over a plugin with a 4k minimum block size"
 
+# A plugin that takes at most 64k per request: the filter splits the
+# 1M and larger reads and writes of its clients.
+small=(--filter="$FILTER" --filter=blocksize-policy file)
+smallargs=(blocksize-minimum=512 blocksize-maximum=65536 blocksize-error-policy=error)
+copy_through "$tmp/got.raw" -r "${small[@]}" "$img" "${smallargs[@]}"
+cmp "$ref" "$tmp/got.raw" || fail "read over a 64k-maximum plugin differs from qemu"
+ref_raw "$cimg" "$tmp/c.raw"
+printf '%s\n' "write -P 3 512k 3M" "write -P 4 100k 1k" "flush" > "$ops"
+timeout 120 nbdkit -U - "${small[@]}" "$cimg" "${smallargs[@]}" \
+    --run 'qemu-io -f raw "$uri" < '"$ops"' > '"$tmp/sio.log" 2>&1 ||
+    { cat "$tmp/sio.log" >&2; fail "writes over a 64k-maximum plugin failed"; }
+grep -qiE 'error|failed' "$tmp/sio.log" && { cat "$tmp/sio.log" >&2; fail "qemu-io reported an error"; }
+qio "$tmp/c.raw" raw < "$ops"
+qemu-img check -q "$cimg" || fail "qemu-img check after writes over a 64k-maximum plugin"
+ref_raw "$cimg" "$tmp/c.got"
+cmp "$tmp/c.raw" "$tmp/c.got" || fail "writes over a 64k-maximum plugin: content differs"
+echo "ok: read and write over a plugin that takes at most 64k per request"
+
 # ---- names inside the image are not followed ----
 base=$tmp/base.qcow2
 mkimg "$base" 8M
