@@ -68,11 +68,15 @@ class Config:
                                    str(self.runtime)))
         self.seed = int(get("SEED", "20261124", "20261124"))
         self.workloads = [w.strip() for w in
-                          get("WORKLOADS", "a,b,c,d,e,f,g,h,i,j,k,cz",
-                              "a,b,c,d,e,f,g,h,i,j,k,cz").split(",") if w.strip()]
+                          get("WORKLOADS", "a,b,c,d,e,f,g,h,i,j,k,l,m,cz",
+                              "a,b,c,d,e,f,g,h,i,j,k,l,m,cz").split(",")
+                          if w.strip()]
         self.standin = e.get("STANDIN", "")
         self.plugin = e.get("PLUGIN", "")
         self.plugin_args = e.get("PLUGIN_ARGS", "").split()
+        # Workloads l and m: the filter over the file plugin.
+        self.filter = e.get("FILTER") or os.path.join(
+            os.path.dirname(self.plugin), "nbdkit-qcow2-filter.so")
         self.srcdir = e.get("BENCH_SRCDIR") or os.path.dirname(
             os.path.dirname(os.path.abspath(__file__)))
         self.results = e.get("RESULTS_DIR") or os.path.join(
@@ -162,7 +166,8 @@ class Server:
 
 class Bench:
     SERVERS = ("plugin", "qemu", "raw")
-    LABEL = {"plugin": "plugin", "qemu": "qemu-nbd", "raw": "raw"}
+    LABEL = {"plugin": "plugin", "qemu": "qemu-nbd", "raw": "raw",
+             "filter": "filter"}
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -284,6 +289,11 @@ class Bench:
                 procs.append(self.spawn(
                     ["nbdkit", "-f", "-U", sock] + rflag + ["file", img],
                     logpath))
+            elif kind == "filter":
+                procs.append(self.spawn(
+                    ["nbdkit", "-f", "-U", sock] + rflag +
+                    ["--filter=" + self.cfg.filter, "file", "file=" + img] +
+                    ["qcow2-" + a for a in self.cfg.plugin_args], logpath))
             elif self.cfg.standin == "qcow2dec":
                 procs.append(self.spawn(
                     ["nbdkit", "-f", "-U", sock, "-r", "file", img,
@@ -397,9 +407,9 @@ class Bench:
         c = self.cfg
         rng = random.Random(c.seed)
         t0 = time.time()
-        if need & set(["a", "b", "c", "f", "g", "h", "cz"]):
+        if need & set(["a", "b", "c", "f", "g", "h", "cz", "l", "m"]):
             self.make_data(rng)
-        if need & set("abgfh"):
+        if need & set("abgfhlm"):
             log("prep: full.qcow2 (qemu-img convert -O qcow2)")
             self.img["full"] = self.path("full.qcow2")
             run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2",
@@ -621,7 +631,7 @@ class Bench:
             self.warm(self.img[wl["qcow2"]], self.img[wl["raw"]])
         self.last_record = time.monotonic()
         for rep in range(c.reps):
-            for kind in self.order(rep, self.SERVERS):
+            for kind in self.order(rep, wl.get("servers", self.SERVERS)):
                 srv = None
                 tmp = None
                 try:
@@ -892,6 +902,14 @@ FIO_WORKLOADS = [
      "rw": "read", "bs": "1M", "metric": "mibs", "qcow2": "nbdov",
      "raw": "data", "ro": True,
      "plugin_args": ["allow-remote-backing=true"]},
+    # The filter (nbdkit --filter=qcow2 file IMG) against the plugin on
+    # the same image, alternated.
+    {"id": "l", "name": "4k random read, allocated, filter vs plugin",
+     "rw": "randread", "bs": "4k", "metric": "iops", "qcow2": "full",
+     "raw": "data", "ro": True, "servers": ("filter", "plugin")},
+    {"id": "m", "name": "1M seq read, allocated, filter vs plugin",
+     "rw": "read", "bs": "1M", "metric": "mibs", "qcow2": "full",
+     "raw": "data", "ro": True, "servers": ("filter", "plugin")},
 ]
 
 
@@ -943,6 +961,12 @@ def summarize(bench):
             target = "time p/q<=1.0, size p/q<=1.05"
             if s["plugin_qemu"] is not None and s["size_ratio"] is not None:
                 verdict = s["plugin_qemu"] <= 1.0 and s["size_ratio"] <= 1.05
+        elif wid in ("l", "m"):
+            f = med.get("filter")
+            s["filter_plugin"] = f / p if f and p else None
+            target = "filter/plugin>=0.8"
+            if s["filter_plugin"] is not None:
+                verdict = s["filter_plugin"] >= 0.8
         elif wid == "i":
             lim = (c.l2_budget + c.slack) / MiB
             target = "p<=%.0f MiB (L2 %s+%s)" % (
@@ -1003,6 +1027,14 @@ def render(bench, summary, header):
     lines.append("Medians of %d repetitions.  IOPS and MiB/s: higher is "
                  "better; s (h) and MiB (i): lower is better." %
                  bench.cfg.reps)
+    for wid in ("l", "m"):
+        if wid in summary:
+            s = summary[wid]
+            lines.append("%s: the filter (--filter=qcow2 file) %s %s, the "
+                         "plugin %s %s: filter/plugin %s." % (
+                             wid, fnum(s["median"].get("filter")), s["unit"],
+                             fnum(s["median"].get("plugin")), s["unit"],
+                             fratio(s.get("filter_plugin"))))
     if "h" in summary:
         lines.append("h: plugin/qemu-nbd/raw columns are nbdcopy from that "
                      "server; qemu-img convert median %s s." %
