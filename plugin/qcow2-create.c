@@ -26,6 +26,7 @@
 
 #include "qcow2-internal.h"
 #include "qcow2-create.h"
+#include "qcow2-nbd.h"
 
 #define DEFAULT_CLUSTER_SIZE (64 * 1024)
 #define V3_HEADER_LENGTH 112
@@ -48,36 +49,36 @@ log2u (uint64_t x)
   return n;
 }
 
-/* Virtual size of the backing file, which must exist and be of the
- * given format.
+/* Virtual size of the backing file (a file, or an NBD export), which
+ * must exist and be of the given format.
  */
 static int
-backing_size (const char *path, const char *fmt, uint64_t *size)
+backing_size (const char *name, const char *fmt, uint64_t *size)
 {
-  int fd = open (path, O_RDONLY | O_CLOEXEC);
+  struct q2_io *io = q2_nbd_is_name (name) ? q2_io_nbd_open (name)
+    : q2_io_file_open (name, true);
   int r = 0;
 
-  if (fd == -1)
-    return Q2_FAIL (errno, "backing file %s: %m", path);
+  if (io == NULL)
+    return -1;
   if (strcmp (fmt, "raw") == 0) {
-    off_t end = lseek (fd, 0, SEEK_END);
-    if (end == -1)
-      r = Q2_FAIL (errno, "backing file %s: seek: %m", path);
+    int64_t n = q2_io_size (io);
+    if (n == -1)
+      r = -1;
     else
-      *size = end;
+      *size = n;
   }
   else {
     uint8_t b[32];
-    ssize_t n = pread (fd, b, sizeof b, 0);
-    if (n == -1)
-      r = Q2_FAIL (errno, "backing file %s: read: %m", path);
-    else if (n < (ssize_t) sizeof b || get_be32 (b) != QCOW2_MAGIC)
+    if (q2_io_pread (io, b, sizeof b, 0) == -1)
+      r = -1;
+    else if (get_be32 (b) != QCOW2_MAGIC)
       r = Q2_FAIL (EINVAL, "backing file %s is not a qcow2 image "
-                   "(backing-format=qcow2)", path);
+                   "(backing-format=qcow2)", name);
     else
       *size = get_be64 (b + QH_SIZE);
   }
-  close (fd);
+  q2_io_close (io);
   return r;
 }
 
