@@ -189,3 +189,35 @@ for row in "${matrix[@]}"; do
     # file is the (zero) guest data.
     rm -f "$ref" "$d/got.raw" "$d/before.qcow2" "$img"
 done
+
+# virt-v2v's output pipeline without qemu-img: create, serve, nbdcopy
+# --flush a mixed disk into it (plain, preallocated, compressed).
+if [ "${CREATE_FILES:-0}" = 1 ]; then
+    mixed=$d/mixed.raw
+    {
+        gen_bytes 2M text
+        gen_bytes 1M random
+        head -c 1M /dev/zero
+    } > "$mixed"
+    truncate -s 6M "$mixed"             # and a hole at the end
+    gen_bytes 512k text | dd of="$mixed" bs=1k seek=5000 conv=notrunc status=none
+    for extra in "" "preallocation=falloc" "compress=true" \
+                 "compress=true compression-type=zstd cluster-size=4k"; do
+        img=$d/v2v.qcow2
+        rm -f "$img"
+        # shellcheck disable=SC2086
+        run_plugin -w "$img" create=true size=6M $extra -- \
+            "nbdcopy --flush '$mixed' \"\$uri\"" ||
+            fail "v2v pipeline ($extra): nbdcopy into create=true failed"
+        qemu-img compare -q -f raw -F qcow2 "$mixed" "$img" ||
+            fail "v2v pipeline ($extra): qemu-img compare: not identical"
+        qemu-img check "$img" > "$d/check.out" 2>&1 ||
+            { cat "$d/check.out" >&2; fail "v2v pipeline ($extra): check"; }
+        case $extra in
+            *compress=true*)
+                grep -qE ' [1-9][0-9.]*% compressed clusters' "$d/check.out" ||
+                    { cat "$d/check.out" >&2; fail "v2v pipeline ($extra): nothing compressed"; } ;;
+        esac
+        echo "ok: v2v pipeline ($extra): identical, check clean"
+    done
+fi
