@@ -68,8 +68,8 @@ class Config:
                                    str(self.runtime)))
         self.seed = int(get("SEED", "20261124", "20261124"))
         self.workloads = [w.strip() for w in
-                          get("WORKLOADS", "a,b,c,d,e,f,g,h,i,j,k,l,m,cz",
-                              "a,b,c,d,e,f,g,h,i,j,k,l,m,cz").split(",")
+                          get("WORKLOADS", "a,b,c,d,e,f,g,h,i,j,k,l,m,cz,cv",
+                              "a,b,c,d,e,f,g,h,i,j,k,l,m,cz,cv").split(",")
                           if w.strip()]
         self.standin = e.get("STANDIN", "")
         self.plugin = e.get("PLUGIN", "")
@@ -407,7 +407,7 @@ class Bench:
         c = self.cfg
         rng = random.Random(c.seed)
         t0 = time.time()
-        if need & set(["a", "b", "c", "f", "g", "h", "cz", "l", "m"]):
+        if need & set(["a", "b", "c", "f", "g", "h", "cz", "l", "m", "cv"]):
             self.make_data(rng)
         if need & set("abgfhlm"):
             log("prep: full.qcow2 (qemu-img convert -O qcow2)")
@@ -821,6 +821,73 @@ class Bench:
                     if os.path.exists(out):
                         os.unlink(out)
 
+    # -- cv, cvz: virt-v2v's output pipeline, image creation included ----
+
+    def create_pipeline_workload(self):
+        """virt-v2v's qcow2 output end to end: create the image, serve
+        it, nbdcopy --flush the mixed disk into it, stop the server.
+        The plugin does it all with create=true (cvz: and compress=true);
+        qemu runs qemu-img create, then qemu-nbd (cvz: through the
+        compress driver).  Seconds from before the creation until the
+        server has exited; also the setup time (creation and server
+        start) and the output size."""
+        c = self.cfg
+        if "mixed" not in self.img:
+            self.make_mixed()
+        src = self.img["mixed"]
+        self.warm(src)
+        for wid, compress in (("cv", False), ("cvz", True)):
+            self.results[wid] = {
+                "name": "create + nbdcopy%s (seconds)" % (
+                    ", compressed" if compress else ""),
+                "unit": "s", "better": "lower", "runs": {}}
+            log("workload %s: create=true and nbdcopy%s" % (
+                wid, " with compression" if compress else ""))
+            self.last_record = time.monotonic()
+            for rep in range(c.reps):
+                for kind in self.order(rep, ("plugin", "qemu")):
+                    srv = None
+                    out = self.path(wid + "-out.qcow2")
+                    try:
+                        t0 = time.monotonic()
+                        if kind == "plugin":
+                            extra = ["create=true", "size=%d" % c.size]
+                            if compress:
+                                extra.append("compress=true")
+                            srv = self.start(kind, out, False, extra)
+                        else:
+                            run(["qemu-img", "create", "-q", "-f", "qcow2",
+                                 out, str(c.size)])
+                            srv = (self.start_compressed(kind, out)
+                                   if compress else
+                                   self.start(kind, out, False))
+                        setup = time.monotonic() - t0
+                        r = self.run_tool(["nbdcopy", "--flush", src,
+                                           srv.uri()], 900)
+                        if r.returncode != 0:
+                            raise RuntimeError("nbdcopy failed (%d): %s" % (
+                                r.returncode, r.stdout[-300:]))
+                        self.stop(srv)
+                        srv = None
+                        dt = time.monotonic() - t0
+                        size = os.path.getsize(out)
+                        if rep == 0:
+                            r = subprocess.run(
+                                ["qemu-img", "compare", "-q", "-f", "raw",
+                                 "-F", "qcow2", src, out])
+                            if r.returncode != 0:
+                                raise RuntimeError("the copy differs from "
+                                                   "the source")
+                        self.record(wid, kind, rep, dt,
+                                    {"size": size, "setup": setup})
+                    except Exception as e:
+                        self.record(wid, kind, rep, None, error=str(e))
+                    finally:
+                        if srv:
+                            self.stop(srv, discard=True)
+                        if os.path.exists(out):
+                            os.unlink(out)
+
     def start_compressed(self, kind, img):
         """A server writing compressed clusters into IMG (raw: plain)."""
         if kind == "plugin" and not self.cfg.standin:
@@ -950,7 +1017,15 @@ def summarize(bench):
             if p and qi:
                 verdict = p <= qi
                 s["plugin_qemuimg"] = p / qi
-        elif wid == "cz":
+        elif wid == "cv":
+            target = "time p/q<=1.0"
+            if s["plugin_qemu"] is not None:
+                verdict = s["plugin_qemu"] <= 1.0
+            s["setup"] = {k: statistics.median([r["setup"] for r in v
+                                                if r.get("setup") is not None])
+                          for k, v in res["runs"].items()
+                          if any(r.get("setup") is not None for r in v)}
+        elif wid in ("cz", "cvz"):
             sizes = {k: statistics.median([r["size"] for r in v
                                            if r.get("size")])
                      for k, v in res["runs"].items()
@@ -1039,6 +1114,11 @@ def render(bench, summary, header):
         lines.append("h: plugin/qemu-nbd/raw columns are nbdcopy from that "
                      "server; qemu-img convert median %s s." %
                      fnum(summary["h"]["median"].get("qemu-img"), "s"))
+    if "cv" in summary:
+        su = summary["cv"].get("setup", {})
+        lines.append("cv: setup (creation and server start, median) plugin "
+                     "create=true %s s, qemu-img create + qemu-nbd %s s." %
+                     tuple(fnum(su.get(k), "s") for k in ("plugin", "qemu")))
     if "cz" in summary:
         sz = summary["cz"].get("sizes", {})
         lines.append("cz: output file size (median) plugin %s, qemu-nbd "
@@ -1159,6 +1239,8 @@ def main():
             bench.mem_workload()
         if "cz" in need:
             bench.compress_copy_workload()
+        if "cv" in need:
+            bench.create_pipeline_workload()
     finally:
         bench.cleanup()
 
