@@ -60,7 +60,7 @@ backing_size (const char *name, const char *fmt, uint64_t *size)
   int r = 0;
 
   if (io == NULL)
-    return -1;
+    return Q2_FAIL (errno, "backing file %s: cannot be opened: %m", name);
   if (strcmp (fmt, "raw") == 0) {
     int64_t n = q2_io_size (io);
     if (n == -1)

@@ -428,8 +428,6 @@ static int
 qcow2_config_complete (nbdkit_next_config_complete *next,
                        nbdkit_backend *nxdata)
 {
-  if (q2_params_complete () == -1)
-    return -1;
   /* The image is the plugin's export, which the filter cannot create. */
   if (q2_params.create) {
     nbdkit_error ("%screate=true is not supported by the filter: create "
@@ -437,7 +435,9 @@ qcow2_config_complete (nbdkit_next_config_complete *next,
                   "qemu-img", PREFIX);
     return -1;
   }
-  q2_params.opts.param_prefix = PREFIX;
+  q2_params.opts.param_prefix = PREFIX;   /* for messages */
+  if (q2_params_complete () == -1)
+    return -1;
   q2_params.opts.explicit_backing = true;
   return next (nxdata);
 }

@@ -15,13 +15,14 @@ pw=secret123
 printf %s "$pw" > "$d/pw"
 size=16777216
 
-# qemu_img_retry ARGS...: qemu with LUKS and a low iter-time can fail
+# qemu_retry CMD ARGS...: qemu with LUKS and a low iter-time can fail
 # now and then under load.
 qemu_retry ()
 {
     local try
     for try in 1 2 3; do
         "$@" && return 0
+        echo "attempt $try failed; retrying" >&2
         sleep 1
     done
     return 1

@@ -20,7 +20,7 @@ for opts in "cluster-size=4k size=1T" "cluster-size=512 size=1G" \
         fail "big: create=true $opts failed"
     qemu-img check "$img" > "$d/check.out" 2>&1 ||
         { cat "$d/check.out" >&2; fail "big: qemu-img check ($opts)"; }
-    qo= sz=
+    qo='' sz=''
     for w in $opts; do
         case $w in
             size=*) sz=${w#size=} ;;

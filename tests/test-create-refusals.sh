@@ -93,6 +93,22 @@ for opt in size=1M cluster-size=4K compat=0.10 refcount-bits=16 \
 done
 refuse 'is only valid with create=true' file="$w/image.qcow2" create=false size=1M
 
+# The filter parses the same options but cannot create its plugin's
+# export; its messages carry its prefix.
+if [ -n "${FILTER:-}" ] && [ -f "$FILTER" ]; then
+    for args in "qcow2-create=true qcow2-size=1M|qcow2-create=true is not supported by the filter" \
+                "qcow2-size=1M|qcow2-size= is only valid with qcow2-create=true"; do
+        r=0
+        # shellcheck disable=SC2086
+        nbdkit -U - -r file "$w/image.qcow2" --filter="$FILTER" ${args%%|*} \
+            --run 'nbdinfo --size "$uri"' > "$tmp/filter.log" 2>&1 || r=$?
+        [ $r -ne 0 ] && grep -q -- "${args#*|}" "$tmp/filter.log" ||
+            { cat "$tmp/filter.log" >&2; fail "filter: ${args%%|*} not refused"; }
+        [ "$(listing)" = "$before" ] || fail "the filter changed the directory"
+        echo "ok: filter refused ${args%%|*}: $(head -1 "$tmp/filter.log")"
+    done
+fi
+
 # Directories: missing, not a directory, read-only.
 refuse 'No such file' file="$w/missing/new.qcow2" create=true size=1M
 refuse 'Not a directory' file="$w/exist.data/new.qcow2" create=true size=1M
