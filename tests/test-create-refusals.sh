@@ -130,11 +130,15 @@ fi
 # A write failing in the middle of creation (the file size limit, as
 # a full disk would) leaves nothing behind: neither the image, nor the
 # data file, nor a temporary file.
-for extra in "" "data-file=$w/new.data"; do
+# The limits (KiB) fall in the header, the refcount table, the L1
+# table, the preallocated data and the data file.
+for case in "1|" "100|" "190|" "4096|" "100|data-file=$w/new.data" \
+            "4096|data-file=$w/new.data"; do
+    lim=${case%%|*} extra=${case#*|}
     r=0
     (
         trap '' XFSZ
-        ulimit -f 4096
+        ulimit -f "$lim"
         # shellcheck disable=SC2086
         exec nbdkit -U - -r "$PLUGIN" "${c[@]}" size=64M \
             preallocation=full $extra --run 'nbdinfo --size "$uri"'
@@ -144,9 +148,9 @@ for extra in "" "data-file=$w/new.data"; do
         { cat "$tmp/xfsz.log" >&2; fail "no clear error for the failed write"; }
     [ "$(listing)" = "$before" ] || {
         diff <(echo "$before") <(listing) >&2 || true
-        fail "a failed creation left files behind ($extra)"
+        fail "a failed creation left files behind ($lim KiB, $extra)"
     }
-    echo "ok: failed write during creation ($extra): $(grep -i -m1 'File too large' "$tmp/xfsz.log")"
+    echo "ok: failed write during creation ($lim KiB, $extra): $(grep -i -m1 'File too large' "$tmp/xfsz.log")"
 done
 
 # A full disk, if a small tmpfs can be mounted.
