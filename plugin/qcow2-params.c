@@ -354,8 +354,9 @@ q2_params_create_path (const char *file)
   return out;
 }
 
-/* The LUKS area for encrypt-format=luks (qcow2-luks.c); NULL names
- * take qemu-img's defaults.  *hdr is malloc'd.
+/* encrypt-format=luks: the LUKS area, built by the same code that
+ * unlocks images (NULL options mean qemu-img's defaults).  *hdr is
+ * malloc'd; the caller wipes and frees it.
  */
 static int
 build_luks_area (const struct q2_params *p, uint8_t **hdr, uint64_t *len)
@@ -366,10 +367,14 @@ build_luks_area (const struct q2_params *p, uint8_t **hdr, uint64_t *len)
     .ivgen_alg = p->luks.ivgen_alg,
     .ivgen_hash_alg = p->luks.ivgen_hash_alg,
     .hash_alg = p->luks.hash_alg,
-    .iter_time_ms = p->luks.iter_time_ms ? p->luks.iter_time_ms : 2000,
+    .iter_time_ms = p->luks.iter_time_ms,
   };
 
-  return q2_luks_build_header (p->password, &lp, hdr, len);
+  if (q2_luks_build_header (p->password, &lp, hdr, len) == -1) {
+    nbdkit_error ("encrypt-format=luks: cannot build the LUKS header: %m");
+    return -1;
+  }
+  return 0;
 }
 
 int
@@ -401,11 +406,11 @@ q2_params_config (const char *key, const char *value)
   struct q2_params *p = &q2_params;
   int k, cr;
 
-  if ((cr = config_create (key, value)) != 1)
-    return cr;
   for (k = Q2_SNAP_CREATE; k <= Q2_SNAP_DELETE; k++)
     if (strcmp (key, snap_keys[k]) == 0)
       return config_snapshot_op (k, value);
+  if ((cr = config_create (key, value)) != 1)
+    return cr;
 
   if (strcmp (key, "backing") == 0) {
     /* NBD names (URIs, nbd:..., json:...) are not paths. */
