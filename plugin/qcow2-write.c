@@ -128,11 +128,23 @@ q2_mark_corrupt (struct q2_image *img)
   return 0;
 }
 
+/* A raw external data file (autoclear bit "raw external data") must
+ * read as the guest disk at all times.  Guest data always lands at its
+ * own offset there; zeroes are written into it rather than flagged in
+ * L2, and trims (which are advisory) are ignored.
+ */
+static bool
+raw_data_file (const struct q2_image *img)
+{
+  return (img->h.autoclear & QCOW2_AUTOCLEAR_DATA_RAW) &&
+    img->data_io != img->io;
+}
+
 /* Lock held.  The first write sets up the refcount state and updates
  * the header: bitmaps are flagged in use (or, if that fails, their bit
- * is dropped), every other autoclear bit is cleared (we keep neither an
- * external data file raw-consistent nor anything unknown), and the
- * dirty bit is set for lazy refcounts.
+ * is dropped), the raw external data bit stays (see raw_data_file),
+ * every other autoclear bit is cleared (we keep nothing unknown
+ * consistent), and the dirty bit is set for lazy refcounts.
  */
 static int
 begin_write (struct q2_image *img)
@@ -151,6 +163,8 @@ begin_write (struct q2_image *img)
   if ((img->h.autoclear & QCOW2_AUTOCLEAR_BITMAPS) &&
       q2_bitmaps_mark_in_use (img) == 0)
     autoclear |= QCOW2_AUTOCLEAR_BITMAPS;
+  if (raw_data_file (img))
+    autoclear |= QCOW2_AUTOCLEAR_DATA_RAW;
   img->alloc_end = (img->file_size + img->cluster_size - 1)
                    >> img->cluster_bits;
   if (img->io->fixed_size && q2_rc_used_end (img, &img->alloc_end) == -1)
@@ -931,7 +945,7 @@ q2_zero (struct q2_image *img, uint64_t count, uint64_t offset,
 {
   uint64_t cs = img->cluster_size, end = offset + count;
   uint64_t a = (offset + cs - 1) & ~(cs - 1), b = end & ~(cs - 1);
-  bool by_flag = img->h.version >= 3 && a < b;
+  bool by_flag = img->h.version >= 3 && a < b && !raw_data_file (img);
   int r = 0;
 
   if ((flags & Q2_ZERO_FAST) && !(by_flag && a == offset && b == end))
@@ -961,6 +975,8 @@ q2_trim (struct q2_image *img, uint64_t count, uint64_t offset)
   uint64_t a = (offset + cs - 1) & ~(cs - 1), b = (offset + count) & ~(cs - 1);
   int r = 0;
 
+  if (raw_data_file (img))
+    return 0;
   if (start (img) == -1)
     return -1;
   pthread_rwlock_rdlock (&img->io_lock);
