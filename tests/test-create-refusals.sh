@@ -153,6 +153,23 @@ for case in "1|" "100|" "190|" "4096|" "100|data-file=$w/new.data" \
     echo "ok: failed write during creation ($lim KiB, $extra): $(grep -i -m1 'File too large' "$tmp/xfsz.log")"
 done
 
+# Killed in the middle of creating: FILE never exists half-made (a
+# hidden temporary file may stay behind).
+k=$tmp/kill
+mkdir "$k"
+nbdkit -f -U "$k/sock" "$PLUGIN" file="$k/new.qcow2" create=true size=512M \
+    preallocation=full > "$k/log" 2>&1 &
+kpid=$!
+for _ in $(seq 100); do
+    ls -A "$k" | grep -q '^\.new\.qcow2\.' && break
+    sleep 0.01
+done
+kill -9 "$kpid"
+wait "$kpid" 2>/dev/null || true
+[ ! -e "$k/new.qcow2" ] || fail "kill -9 during creation left $k/new.qcow2"
+echo "ok: killed during creation: no new.qcow2 ($(ls -A "$k" | tr '\n' ' '))"
+rm -rf "$k"
+
 # A full disk, if a small tmpfs can be mounted.
 full=$tmp/full
 mkdir "$full"
