@@ -687,17 +687,21 @@ write_image (struct tmpfile *f, struct tmpfile *df,
       }
       if (write_all (f, buf, cs, l->l2[i] * cs) == -1)
         goto out;
-      if (!o->data_file &&
-          extend (f, l->data[i] * cs, n * cs, o->prealloc) == -1)
-        goto out;
+      /* Like qemu-img, the file ends with the last subcluster of guest
+       * data (anything allocated after it is written in full).
+       */
+      if (!o->data_file) {
+        uint64_t len = n * cs;
+        if (i == l->l1_size - 1) {
+          uint64_t sub = o->extended_l2 ? cs / QCOW2_SUBCLUSTERS : cs;
+          uint64_t tail = o->size - (l->guest_clusters - 1) * cs;
+          len = (n - 1) * cs + (tail + sub - 1) / sub * sub;
+        }
+        if (extend (f, l->data[i] * cs, len, o->prealloc) == -1)
+          goto out;
+      }
     }
   }
-  /* The last allocated cluster may be a refcount block, already
-   * written; make sure the file reaches every data cluster.
-   */
-  if (l->prealloc && !o->data_file &&
-      extend (f, 0, l->next * cs, Q2_PREALLOC_METADATA) == -1)
-    goto out;
 
   if (df) {
     enum q2_prealloc m = o->prealloc;
