@@ -37,19 +37,29 @@ for (( i = 0; i < N; i++ )); do
     case $prealloc in falloc|full) [ "$size" -le 16777216 ] || size=16777216 ;; esac
     pick none none none raw; [ "$P" = raw ] && opts+=("backing=$d/base.raw" "backing-format=raw")
 
+    qobj=()
+    pick none none none none aes
+    if [ "$P" = aes ]; then
+        opts+=("encrypt-format=aes" "password=pw$i")
+        qobj=(--object "secret,id=s0,data=pw$i")
+    fi
+
     qo=''
     for w in "${opts[@]}"; do
         k=${w%%=*} v=${w#*=}
         case $k in
+            password) k=encrypt.key-secret v=s0 ;;
+            encrypt-format) k=encrypt.format ;;
             backing) k=backing_file ;;
             backing-format) k=backing_fmt ;;
         esac
-        qo+=${qo:+,}${k//-/_}=$v
+        case $k in encrypt.*) ;; *) k=${k//-/_} ;; esac
+        qo+=${qo:+,}$k=$v
     done
     echo "--- $i: size=$size ${opts[*]}"
     rm -f "$d/p.qcow2" "$d/q.qcow2"
     qr=0
-    qemu-img create -q -f qcow2 -o "$qo" "$d/q.qcow2" "$size" > "$d/q.log" 2>&1 || qr=$?
+    qemu-img create -q -f qcow2 "${qobj[@]}" -o "$qo" "$d/q.qcow2" "$size" > "$d/q.log" 2>&1 || qr=$?
     pr=0
     nbdkit -U - -r "$PLUGIN" file="$d/p.qcow2" create=true size="$size" "${opts[@]}" \
         --run 'nbdinfo --size "$uri" >/dev/null' > "$d/p.log" 2>&1 || pr=$?
@@ -70,7 +80,10 @@ for k in ("filename", "actual-size"):
 print(json.dumps(j, indent=1, sort_keys=True))' > "$d/$f.info"
     done
     diff -u "$d/q.info" "$d/p.info" || fail "$i: qemu-img info differs (- qemu-img create, + plugin)"
-    qemu-img check "$d/p.qcow2" > "$d/check.out" 2>&1 ||
+    chk=("$d/p.qcow2")
+    [ ${#qobj[@]} -eq 0 ] || chk=("${qobj[@]}" --image-opts
+        "driver=qcow2,file.filename=$d/p.qcow2,encrypt.key-secret=s0")
+    qemu-img check "${chk[@]}" > "$d/check.out" 2>&1 ||
         { cat "$d/check.out" >&2; fail "$i: qemu-img check"; }
     ps=$(stat -c %s "$d/p.qcow2") qs=$(stat -c %s "$d/q.qcow2")
     # qemu-img sometimes outgrows its first refcount table and moves it
