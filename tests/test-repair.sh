@@ -110,3 +110,19 @@ for target in $((1 << 40)) l1; do
   done
   echo "ok: an L2 entry pointing at $target is refused, not repaired"
 done
+
+# 6. An external data file: its clusters are not counted in the image.
+rm -f x.qcow2 x.raw
+qemu-img create -q -f qcow2 -o data_file=x.raw,lazy_refcounts=on x.qcow2 16M
+qemu-io -c 'write -P 0x55 0 1M' x.qcow2 >/dev/null
+( qemu-io -c 'write -P 0x66 4M 1M' -c abort x.qcow2 ) >/dev/null 2>&1 || true
+eval "$($patch info x.qcow2)"
+[ $((incompat & 1)) -eq 1 ] || fail "sanity: x.qcow2 is not dirty"
+compare_counts x.qcow2 "external data file, dirty"
+raw_of x.qcow2 before.raw
+repair= write_both x.qcow2 before.raw $((8 << 20))
+grep -q "rebuilding its refcounts" log || fail "data file: no repair logged"
+check_clean x.qcow2 || fail "data file: not clean after the repair"
+raw_of x.qcow2 after.raw
+cmp -s before.raw after.raw || fail "data file: guest data changed"
+echo "ok: a dirty image with an external data file is repaired"
