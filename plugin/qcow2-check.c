@@ -189,6 +189,11 @@ walk_l2 (struct chk *ck, uint64_t l2_off)
                         "external data file", l2_off + j * img->l2e_size);
       q2_cdesc_decode (ck->cb, e & ~(QCOW_OFLAG_COPIED |
                                      QCOW_OFLAG_COMPRESSED), &host, &len);
+      /* The sector count is rounded up: the last compressed cluster
+       * may claim a few bytes past the end of the file.
+       */
+      if (host < img->file_size && len > img->file_size - host)
+        len = img->file_size - host;
       if (ref (ck, host, len, K_DATA, "compressed cluster") == -1)
         return -1;
       continue;
