@@ -100,7 +100,14 @@ static int
 qcow2_get_ready (void)
 {
   q2_debug_map = qcow2_debug_map;
-  return q2_open (filename, &q2_params.opts, &image);
+  if (q2_open (filename, &q2_params.opts, &image) == -1)
+    return -1;
+  if (q2_params_snapshot_ops (image) == -1) {
+    q2_close (image);           /* flushes what was done */
+    image = NULL;
+    return -1;
+  }
+  return 0;
 }
 
 static void
@@ -127,6 +134,23 @@ static int64_t
 qcow2_get_size (void *handle)
 {
   return q2_size (image);
+}
+
+/* With compress=true every write is a read-modify-write of whole
+ * clusters: ask clients (nbdcopy) for whole, aligned clusters.
+ */
+static int
+qcow2_block_size (void *handle, uint32_t *minimum, uint32_t *preferred,
+                  uint32_t *maximum)
+{
+  if (!q2_params.opts.compress) {
+    *minimum = *preferred = *maximum = 0;       /* no constraints */
+    return 0;
+  }
+  *minimum = 1;
+  *preferred = q2_cluster_size (image);
+  *maximum = 0xffffffff;
+  return 0;
 }
 
 static int
@@ -254,6 +278,7 @@ static struct nbdkit_plugin plugin = {
   .cleanup           = qcow2_cleanup,
   .open              = qcow2_open,
   .get_size          = qcow2_get_size,
+  .block_size        = qcow2_block_size,
   .can_write         = qcow2_can_write,
   .can_flush         = qcow2_can_flush,
   .can_trim          = qcow2_can_trim,
