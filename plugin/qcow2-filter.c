@@ -510,8 +510,11 @@ qcow2_cleanup (nbdkit_backend *backend)
 }
 
 /* Connections open no plugin context: every callback below uses the
- * shared one through the image.  A dirty image may be read, but a
- * read-write connection is refused with a message saying how to repair.
+ * shared one through the image.  A read-write connection is refused,
+ * with a message saying how to repair, when the image cannot be
+ * written (a dirty image with repair=off, errors found by
+ * repair=check); by default a dirty image is repaired at the first
+ * write.
  */
 static void *
 qcow2_open (nbdkit_next_open *next, nbdkit_context *context,
