@@ -70,6 +70,17 @@ for m in "${matrix[@]}"; do
     echo "$name: ok"
 done
 
+# ---- an internal snapshot of a LUKS image, served read-only ----
+img=$tmp/aes128-cbc-essiv-sha1-4k.qcow2
+retry qemu-img snapshot "${SEC[@]}" --image-opts "$(iopts "$img")" -c s1 ||
+    fail "qemu-img snapshot failed"
+rnd_pattern; echo "write -P $R 0 100000" | eqio "$(iopts "$img")"
+retry qemu-img convert "${SEC[@]}" --image-opts "$(iopts "$img")" \
+    -l snapshot.name=s1 -O raw "$tmp/exp.raw" || fail "convert -l s1 failed"
+plugin_read "$img" "$tmp/got.raw" password=+"$tmp/pw" snapshot=s1
+cmp "$tmp/exp.raw" "$tmp/got.raw" || fail "snapshot of a LUKS image differs"
+echo "snapshot: ok"
+
 # ---- refusals: the file is never modified ----
 img=$tmp/luks-default.qcow2
 cp "$img" "$tmp/before"
