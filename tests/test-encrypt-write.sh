@@ -83,11 +83,12 @@ eraw "$(iopts "$a")" "$tmp/got.raw"
 cmp "$tmp/ref.raw" "$tmp/got.raw" || fail "concurrent partial-sector writes lost data"
 echo "aio same-sector: ok"
 
-# LUKS over a plain qcow2 base: copy-on-write decrypts nothing below.
+# LUKS (extended L2, 32 KiB clusters) over a plain qcow2 base:
+# subcluster copy-on-write copies plain data up and encrypts it.
 base=$tmp/base.qcow2; top=$tmp/top.qcow2
 mkimg "$base" "$size"
 random_fill "$base" "$size" n=20 zeroes=10 discards=0
-mkenc "$top" "$size" "encrypt.format=luks,$it,cluster_size=4096" -b "$base" -F qcow2
+mkenc "$top" "$size" "encrypt.format=luks,$it,cluster_size=32k,extended_l2=on" -b "$base" -F qcow2
 run_workload luks-over-plain "$(iopts "$top")" "$top" "" -- password=+"$tmp/pw"
 
 # LUKS (password 1) over LUKS (password 2): backing-password=.
