@@ -147,6 +147,27 @@ q2_rc_get (struct q2_image *img, uint64_t cluster, uint64_t *rc)
   return 0;
 }
 
+int
+q2_rc_used_end (struct q2_image *img, uint64_t *end)
+{
+  uint64_t r, c, rc;
+
+  *end = 0;
+  for (r = img->reftable_entries; r-- > 0; ) {
+    if (img->reftable[r] == 0)
+      continue;
+    for (c = (r + 1) << img->rb_bits; c-- > r << img->rb_bits; ) {
+      if (q2_rc_get (img, c, &rc) == -1)
+        return -1;
+      if (rc) {
+        *end = c + 1;
+        return 0;
+      }
+    }
+  }
+  return 0;
+}
+
 /* ---- adding refcount blocks (and growing the table) ---- */
 
 struct growth {
@@ -409,8 +430,12 @@ q2_free_now (struct q2_image *img, uint64_t off, uint64_t len)
        c <= (off + len - 1) >> img->cluster_bits; c++) {
     if (q2_rc_add (img, c, -1) == -1)
       return -1;
-    if (q2_rc_get (img, c, &rc) == 0 && rc == 0)
+    if (q2_rc_get (img, c, &rc) == 0 && rc == 0) {
       q2_meta_remove (img, c << img->cluster_bits);
+      /* Compressed writes pack into this cluster no more. */
+      if (img->cpack_end && c == (img->cpack_end >> img->cluster_bits) - 1)
+        img->cpack_end = img->cpack_off = 0;
+    }
   }
   return 0;
 }

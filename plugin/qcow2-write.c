@@ -97,6 +97,11 @@ begin_write (struct q2_image *img)
 
   if (img->write_started)
     return 0;
+  /* Repair (a dirty image, or any with repair=all) before anything
+   * else reads the refcounts.
+   */
+  if (q2_check_before_write (img) == -1)
+    return -1;
   if (q2_rc_init (img) == -1 || q2_meta_init (img) == -1)
     goto fail;
   if ((img->h.autoclear & QCOW2_AUTOCLEAR_BITMAPS) &&
@@ -104,6 +109,8 @@ begin_write (struct q2_image *img)
     autoclear |= QCOW2_AUTOCLEAR_BITMAPS;
   img->alloc_end = (img->file_size + img->cluster_size - 1)
                    >> img->cluster_bits;
+  if (img->io->fixed_size && q2_rc_used_end (img, &img->alloc_end) == -1)
+    goto fail;
   img->lazy = img->h.compat & QCOW2_COMPAT_LAZY_REFCOUNTS;
   if (img->lazy)
     incompat |= QCOW2_INCOMPAT_DIRTY;
@@ -137,10 +144,17 @@ q2_check_writable (const struct q2_image *img)
                     img->corrupt ? "marked corrupt" :
                     img->snapshot ? "a snapshot export, which is read-only" :
                     "open read-only");
-  if ((img->h.incompat & QCOW2_INCOMPAT_DIRTY) && !img->write_started)
+  if (img->check_failed)
+    return Q2_FAIL (EROFS, "%s: the consistency check found errors or "
+                    "corruption (see the log); writes are refused; repair "
+                    "it with 'qemu-img check -r all %s', or serve it with "
+                    "repair=all", img->filename, img->filename);
+  if ((img->h.incompat & QCOW2_INCOMPAT_DIRTY) && !img->write_started &&
+      img->repair == Q2_REPAIR_OFF)
     return Q2_FAIL (EROFS, "%s: the image is dirty (its lazy refcounts were "
                     "not written back); repair it with 'qemu-img check -r "
-                    "all %s' before writing, or serve it with -r",
+                    "all %s' before writing, or serve it with -r (or "
+                    "with repair=auto, the default)",
                     img->filename, img->filename);
   return 0;
 }
@@ -158,6 +172,12 @@ start (struct q2_image *img)
   r = begin_write (img);
   pthread_mutex_unlock (&img->lock);
   return r;
+}
+
+int
+q2_begin_write (struct q2_image *img)
+{
+  return start (img);
 }
 
 /* ---- in-flight allocations (lock held) ---- */
@@ -317,6 +337,25 @@ ensure_l2 (struct q2_image *img, uint64_t guest, uint64_t *l2_off)
   }
   free (buf);
   return r;
+}
+
+int
+q2_ensure_l2 (struct q2_image *img, uint64_t guest, uint64_t *l2_off)
+{
+  return ensure_l2 (img, guest, l2_off);
+}
+
+int
+q2_inflight_claim (struct q2_image *img, uint64_t off, uint64_t len)
+{
+  wait_inflight (img, off, len);
+  return inflight_add (img, off, len);
+}
+
+void
+q2_inflight_release (struct q2_image *img, uint64_t off)
+{
+  inflight_del (img, off);
 }
 
 /* ---- writing data ---- */
@@ -669,6 +708,8 @@ write_sectors (struct q2_image *img, const uint8_t *buf, uint64_t count,
 {
   unsigned stalls = 0;
 
+  if (img->compress)
+    return q2_write_compressed (img, buf, count, offset);
   while (count > 0) {
     int64_t n = write_some (img, buf, count, offset);
 
