@@ -81,6 +81,16 @@ plugin_read "$img" "$tmp/got.raw" password=+"$tmp/pw" snapshot=s1
 cmp "$tmp/exp.raw" "$tmp/got.raw" || fail "snapshot of a LUKS image differs"
 echo "snapshot: ok"
 
+# ---- the filter (qcow2-password=) over nbdkit's file plugin ----
+if [ -n "${FILTER:-}" ] && [ -f "$FILTER" ]; then
+    img=$tmp/luks-default.qcow2
+    eraw "$(iopts "$img")" "$tmp/exp.raw"
+    nbdkit -U - --filter="$FILTER" file "$img" qcow2-password=+"$tmp/pw" \
+        --run "nbdcopy \"\$uri\" $tmp/got.raw" || fail "filter read failed"
+    cmp "$tmp/exp.raw" "$tmp/got.raw" || fail "filter: content differs"
+    echo "filter: ok"
+fi
+
 # ---- refusals: the file is never modified ----
 img=$tmp/luks-default.qcow2
 cp "$img" "$tmp/before"
