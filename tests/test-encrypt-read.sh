@@ -133,6 +133,16 @@ elif field == 'iterall':
     for i in range(8): u32(208 + 48*i + 4, v)
 elif field == 'mkiter': u32(164, v)
 elif field == 'cipher': d[h+8:h+40] = value.encode().ljust(32, b'\0')
+else:
+    # The full-disk-encryption extension (offset u64, length u64).
+    e = d.find(b'\x05\x37\xbe\x77', 72, 65536)
+    assert e > 0
+    off, ln = struct.unpack('>QQ', d[e+8:e+24])
+    if field == 'extoff': off += int(value, 0)
+    elif field == 'extlen': ln = int(value, 0)
+    elif field == 'extl1': off = struct.unpack('>Q', d[40:48])[0]
+    elif field == 'noext': d[e:e+4] = b'\0\0\0\0'
+    d[e+8:e+24] = struct.pack('>QQ', off, ln) if field != 'noext' else d[e+8:e+24]
 open(path, 'wb').write(d)
 PY
 }
@@ -149,6 +159,11 @@ crafted=(
   "iterall 0|out of range"
   "mkiter 0xffffffff|out of range"
   "cipher blowfish|unsupported cipher"
+  "extoff 512|misaligned"
+  "extlen 0x100000000|too large"
+  "extlen 100|only 100 bytes"
+  "extl1 0|overlaps"
+  "noext 0|without a full-disk-encryption header extension"
 )
 for c in "${crafted[@]}"; do
     IFS='|' read -r field expect <<< "$c"
