@@ -132,6 +132,7 @@ elif field == 'iter0': u32(208 + 4, v)
 elif field == 'iterall':
     for i in range(8): u32(208 + 48*i + 4, v)
 elif field == 'mkiter': u32(164, v)
+elif field == 'payload': u32(104, v)
 elif field == 'cipher': d[h+8:h+40] = value.encode().ljust(32, b'\0')
 else:
     # The full-disk-encryption extension (offset u64, length u64).
@@ -159,6 +160,7 @@ crafted=(
   "iterall 0|out of range"
   "mkiter 0xffffffff|out of range"
   "cipher blowfish|unsupported cipher"
+  "payload 8|overlaps the payload"
   "extoff 512|misaligned"
   "extlen 0x100000000|too large"
   "extlen 100|only 100 bytes"
