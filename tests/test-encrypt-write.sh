@@ -23,6 +23,7 @@ run_workload ()
     rm -f "$sock"
     nbdkit -f -U "$sock" "$PLUGIN" "file=$img" "$@" 2> "$tmp/nbdkit.$name.log" &
     local pid=$!
+    cleanup_fn kill -9 "$pid"
     for _ in $(seq 200); do [ -S "$sock" ] && break; sleep 0.05; done
     [ -S "$sock" ] || { cat "$tmp/nbdkit.$name.log"; fail "$name: nbdkit did not start"; }
     nbd_qio "nbd+unix:///?socket=$sock" < "$tmp/ops.$name"
@@ -74,6 +75,7 @@ eraw "$(iopts "$a")" "$tmp/ref.raw"
 rm -f "$sock"
 nbdkit -f -U "$sock" "$PLUGIN" "file=$a" password=+"$tmp/pw" 2> "$tmp/nbdkit.aio.log" &
 pid=$!
+cleanup_fn kill -9 "$pid"
 for _ in $(seq 200); do [ -S "$sock" ] && break; sleep 0.05; done
 nbd_qio "nbd+unix:///?socket=$sock" < "$tmp/ops.aio"
 kill -TERM "$pid"; wait "$pid" || fail "aio: nbdkit exited badly"
