@@ -22,25 +22,6 @@
 /* Slices of 4 KiB keep a cache miss cheap for random I/O. */
 #define L2_SLICE_SIZE 4096
 
-int
-q2_load_l1 (struct q2_image *img, uint64_t offset, uint32_t size,
-            uint64_t **l1_out)
-{
-  uint64_t *l1 = malloc ((size ? size : 1) * sizeof *l1);
-  uint32_t i;
-
-  if (l1 == NULL)
-    return Q2_FAIL (ENOMEM, "%s: malloc L1 table: %m", img->filename);
-  if (size && q2_io_pread (img->io, l1, (size_t) size * 8, offset) == -1) {
-    free (l1);
-    return -1;
-  }
-  for (i = 0; i < size; i++)
-    l1[i] = be64toh (l1[i]);
-  *l1_out = l1;
-  return 0;
-}
-
 static void
 init_geometry (struct q2_image *img)
 {
