@@ -10,10 +10,10 @@
  * connection shares it through the thread-safe layer, so connections
  * open no plugin context of their own -> cleanup closes.
  *
- * Filters cannot learn of -r before the first connection, so the
- * shared context is opened for writing where the plugin allows it;
- * nothing is written until a client writes, and nbdkit refuses writes
- * on read-only connections with EROFS.
+ * Filters cannot learn of -r from nbdkit before the first connection;
+ * q2_params_nbdkit_readonly reads it from the command line, and under
+ * -r the shared context is opened read-only.  nbdkit refuses writes on
+ * read-only connections with EROFS.
  */
 
 #include <config.h>
@@ -454,9 +454,11 @@ static int
 open_image (nbdkit_backend *backend)
 {
   struct q2_io *io;
+  bool ro = q2_params_nbdkit_readonly ();
 
-  shared = nbdkit_next_context_open (backend, 0, "", 1);
-  if (shared == NULL) {
+  /* Under -r the plugin is opened read-only too. */
+  shared = nbdkit_next_context_open (backend, ro, "", 1);
+  if (shared == NULL && !ro) {
     nbdkit_debug ("qcow2: the plugin cannot be opened for writing; "
                   "trying read-only");
     shared = nbdkit_next_context_open (backend, 1, "", 1);
@@ -470,6 +472,12 @@ open_image (nbdkit_backend *backend)
     goto fail;
   if (q2_open_io (io, &q2_params.opts, &image) == -1) {
     q2_io_close (io);
+    goto fail;
+  }
+  /* snapshot-create= and friends, before any client uses the image. */
+  if (q2_params_snapshot_ops (image) == -1) {
+    q2_close (image);           /* flushes what was done */
+    image = NULL;
     goto fail;
   }
   return 0;
@@ -554,12 +562,19 @@ qcow2_block_size (nbdkit_next *next, void *handle,
 {
   if (shared->block_size (shared, minimum, preferred, maximum) == -1)
     return -1;
-  if (*minimum <= 1) {
+  if (*minimum <= 1 && !q2_params.opts.compress) {
     *minimum = *preferred = *maximum = 0;   /* no constraints */
     return 0;
   }
+  if (*minimum < 1)
+    *minimum = 1;
   if (*preferred < *minimum)
     *preferred = *minimum;
+  /* With compress=true every write is a read-modify-write of whole
+   * clusters: ask clients for whole, aligned clusters.
+   */
+  if (q2_params.opts.compress && *preferred < q2_cluster_size (image))
+    *preferred = q2_cluster_size (image);
   *maximum = 0xffffffff;
   return 0;
 }
