@@ -232,6 +232,7 @@ echo "ok: -r opens the plugin below read-only"
 # a connection waits for it.
 simg=$tmp/snap.qcow2
 cp "$img" "$simg"
+truncate -s +4M "$simg"         # room for the snapshot's tables
 timeout 60 nbdkit -U - --filter="$FILTER" file "$simg" qcow2-snapshot-create=viafilter \
     --run 'nbdinfo --size "$uri"' >/dev/null 2>"$tmp/snap.log" ||
     { cat "$tmp/snap.log" >&2; fail "qcow2-snapshot-create failed"; }
