@@ -334,6 +334,7 @@ q2_features (void)
     "qcow2_extended_l2=yes\n"
     "qcow2_external_data_file=yes\n"
     "qcow2_backing_formats=raw,qcow2\n"
+    "qcow2_backing_nbd=yes\n"
     "qcow2_max_chain=32\n"
     "qcow2_snapshots=read,create,apply,delete\n"
     "qcow2_encryption=aes,luks\n"

@@ -38,6 +38,11 @@ struct q2_io_ops {
   /* Optional: is [off, off+n) backed by data?  Sets *len of the run. */
   int (*data_status) (struct q2_io *io, uint64_t off, uint64_t n,
                       uint64_t *len, bool *is_data);
+  /* Optional, preferred to data_status: Q2_STATUS_* flags of the run
+   * at off, as a server reports them (qcow2-nbd.c).
+   */
+  int (*status) (struct q2_io *io, uint64_t off, uint64_t n,
+                 uint64_t *len, unsigned *flags);
   void (*close) (struct q2_io *io);
 };
 
@@ -51,6 +56,7 @@ struct q2_io {
    */
   bool fixed_size;
   ino_t ino;
+  bool remote;                  /* on an NBD server (qcow2-nbd.c) */
 };
 
 extern struct q2_io *q2_io_file_open (const char *path, bool readonly);
