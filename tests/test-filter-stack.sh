@@ -205,6 +205,34 @@ copy_through "$tmp/got.raw" -r --filter="$FILTER" file "$top" qcow2-backing=none
 cmp "$tmp/alone.raw" "$tmp/got.raw" || fail "qcow2-backing=none: differs from qemu"
 echo "ok: qcow2-backing=PATH and qcow2-backing=none"
 
+# A backing file on an NBD server, named in the image: followed only
+# with qcow2-allow-remote-backing=true.
+if nbdkit --filter="$FILTER" file --help 2>&1 | grep -q qcow2-allow-remote-backing; then
+    bsock=$tmp/base.sock
+    ref_raw "$base" "$tmp/nbase.raw"
+    serve_raw "$bsock" -r file "$tmp/nbase.raw"
+    nimg=$tmp/nbdtop.qcow2
+    mkimg "$nimg" 8M -u -b "nbd+unix:///?socket=$bsock" -F raw
+    random_fill "$nimg" 8M n=5 lo=2M hi=4M
+    ref_raw "$nimg" "$tmp/nbdtop.raw"
+    if timeout 60 nbdkit -U - -r --filter="$FILTER" file "$nimg" \
+           --run 'nbdinfo --size "$uri"' > "$log" 2>&1; then
+        cat "$log" >&2; fail "an image naming an NBD backing was followed without permission"
+    fi
+    grep -q "qcow2-allow-remote-backing=true" "$log" ||
+        { cat "$log" >&2; fail "the refusal does not mention qcow2-allow-remote-backing=true"; }
+    copy_through "$tmp/got.raw" -r --filter="$FILTER" file "$nimg" \
+        qcow2-allow-remote-backing=true
+    cmp "$tmp/nbdtop.raw" "$tmp/got.raw" || fail "NBD backing through the filter: differs from qemu"
+    # A local backing name stays refused even with the permission.
+    if timeout 60 nbdkit -U - -r --filter="$FILTER" file "$top" \
+           qcow2-allow-remote-backing=true --run 'nbdinfo --size "$uri"' > "$log" 2>&1; then
+        cat "$log" >&2; fail "a local backing name was followed with qcow2-allow-remote-backing=true"
+    fi
+    stop_raw "$bsock"
+    echo "ok: NBD backing named in the image: refused, then followed with qcow2-allow-remote-backing=true"
+fi
+
 dimg=$tmp/df.qcow2
 mkimg "$dimg" 8M -o data_file="$tmp/df.data"
 random_fill "$dimg" 8M n=10
