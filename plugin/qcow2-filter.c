@@ -430,6 +430,12 @@ qcow2_config_complete (nbdkit_next_config_complete *next,
 {
   if (q2_params_complete () == -1)
     return -1;
+  if (q2_params.create) {
+    nbdkit_error ("qcow2-create=true: the filter does not create images; "
+                  "create the image first (nbdkit qcow2 create=true, or "
+                  "qemu-img create) and export it");
+    return -1;
+  }
   q2_params.opts.param_prefix = PREFIX;
   q2_params.opts.explicit_backing = true;
   return next (nxdata);

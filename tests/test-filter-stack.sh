@@ -322,3 +322,15 @@ if nbdkit --filter="$FILTER" file --help 2>&1 | grep -q qcow2-password; then
 else
     echo "skipped: this build has no password parameter"
 fi
+
+# The filter does not create images.
+if nbdkit --filter="$FILTER" file --help 2>&1 | grep -q qcow2-create; then
+    before=$(sha "$img")
+    if timeout 60 nbdkit -U - --filter="$FILTER" file "$img" qcow2-create=true \
+           qcow2-size=8M --run true > "$log" 2>&1; then
+        cat "$log" >&2; fail "qcow2-create=true was accepted"
+    fi
+    grep -q "does not create" "$log" || { cat "$log" >&2; fail "qcow2-create=true: unclear refusal"; }
+    [ "$(sha "$img")" = "$before" ] || fail "qcow2-create=true changed the file"
+    echo "ok: qcow2-create=true refused"
+fi
