@@ -421,6 +421,9 @@ qcow2_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
     nbdkit_error ("unknown parameter '%s'", key);
     return -1;
   }
+  /* The shared parser names the key without our prefix. */
+  if (r == -1)
+    nbdkit_error ("qcow2 filter: parameter '%s' rejected", key);
   return r;
 }
 
