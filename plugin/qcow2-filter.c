@@ -129,13 +129,16 @@ export_read (struct next_io *n, char *buf, uint64_t len, uint64_t off)
         return -1;
     }
     else {
-      /* A partial block: through a bounce buffer. */
+      /* A partial block: through a bounce buffer (shorter at the end
+       * of an export whose size is not a multiple of the block size).
+       */
       char *b = malloc (n->align);
       uint64_t want = n->align - head;
+      uint32_t blen = n->size - a < n->align ? n->size - a : n->align;
 
       if (b == NULL)
         return Q2_FAIL (ENOMEM, "%s: malloc: %m", n->io.name);
-      if (piece_pread (n, b, n->align, a) == -1) {
+      if (piece_pread (n, b, blen, a) == -1) {
         free (b);
         return -1;
       }
@@ -191,16 +194,17 @@ next_pwrite (struct q2_io *io, const void *buf, size_t len, uint64_t off)
        */
       char *b = malloc (n->align);
       uint64_t want = n->align - head;
+      uint32_t blen = n->size - a < n->align ? n->size - a : n->align;
       int r;
 
       if (b == NULL)
         return Q2_FAIL (ENOMEM, "%s: malloc: %m", io->name);
       chunk = want < len ? want : len;
       pthread_mutex_lock (&n->rmw_lock);
-      r = piece_pread (n, b, n->align, a);
+      r = piece_pread (n, b, blen, a);
       if (r == 0) {
         memcpy (b + head, p, chunk);
-        r = piece_pwrite (n, b, n->align, a);
+        r = piece_pwrite (n, b, blen, a);
       }
       pthread_mutex_unlock (&n->rmw_lock);
       free (b);
