@@ -989,8 +989,8 @@ conn_new (struct nbd_io *n, const char *name, bool first, bool quiet)
 }
 
 /* A connection for one request, with c->users raised; fresh: a new
- * one (after a failure, the others may be stale too).  NULL (reported, errno EIO) if the server
- * cannot be reached.
+ * one (after a failure, the others may be stale too).  NULL (reported,
+ * errno EIO) if the server cannot be reached.
  */
 static struct conn *
 conn_get (struct nbd_io *n, bool fresh)

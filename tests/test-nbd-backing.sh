@@ -98,6 +98,17 @@ ref_raw "$ovq" "$tmp/refq.raw"
 compare_read --expect "$tmp/refq.raw" "$ovq" "$A"
 compare_map "$ovq" "$A"
 
+# The same, with nbdkit forking into the background after the image
+# (and so the qcow2 header over NBD) was opened: the connection made
+# before the fork must serve the child.
+PB=$tmp/plugin-bg.sock
+start_backing "$PB" -r "$PLUGIN" file="$ovq" "$A"
+nbdcopy "nbd+unix:///?socket=$PB" "$tmp/gotbg.raw"
+cmp -s "$tmp/refq.raw" "$tmp/gotbg.raw" ||
+    fail "qcow2 over NBD through a backgrounded nbdkit: contents differ"
+stop_backing "$PB"
+echo "ok: read ovq.qcow2 through a forked nbdkit"
+
 # Depth 3 over two servers: top (local) -> mid (qcow2, on NBD) -> base
 # (raw, on NBD, named inside mid in the legacy form).
 mid=$tmp/mid.qcow2
