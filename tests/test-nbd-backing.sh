@@ -53,6 +53,26 @@ ref_raw "$ovs" "$tmp/refs.raw"
 compare_read --expect "$tmp/refs.raw" "$ovs" "$A"
 compare_map "$ovs" "$A"
 
+# TCP: a server on 127.0.0.1 at a random free port, named as a URI, in
+# the legacy form and as nested json with server.host/port.
+port=
+for try in 1 2 3 4 5; do
+    rnd 20000; p=$(( 40000 + R ))
+    if nbdkit -i 127.0.0.1 -p "$p" -P "$tmp/tcp.pid" file "$base" 2>/dev/null; then
+        port=$p; break
+    fi
+done
+if [ -n "$port" ]; then
+    cleanup_fn kill "$(cat "$tmp/tcp.pid")"
+    for name in "nbd://127.0.0.1:$port/" "nbd:127.0.0.1:$port" \
+        "json:{\"file\":{\"driver\":\"nbd\",\"server\":{\"type\":\"inet\",\"host\":\"127.0.0.1\",\"port\":\"$port\"}}}"; do
+        compare_read --expect "$tmp/ref1.raw" "$tmp/ov1.qcow2" backing="$name"
+    done
+    kill "$(cat "$tmp/tcp.pid")"
+else
+    echo "note: no free TCP port found; TCP forms not tested"
+fi
+
 # Servers that differ: no multi-conn (one connection, requests in
 # flight), multi-conn advertised but only one client allowed (we must
 # fall back to one connection), and no base:allocation (extents say
