@@ -153,6 +153,15 @@ mkimg "$ovl" "$size" -u -b "nbd+unix:///?socket=$L" -F qcow2
 expect_refused 'local files named by remote images are never opened' \
     "$ovl" "$A"
 
+# Nor a local external data file.
+dmid=$tmp/dmid.qcow2
+mkimg "$dmid" "$size" -o data_file="$tmp/dmid.data"
+D=$tmp/dmid.sock
+start_backing "$D" file "$dmid"
+ovd=$tmp/ovd.qcow2
+mkimg "$ovd" "$size" -u -b "nbd+unix:///?socket=$D" -F qcow2
+expect_refused 'local data file.*never opened' "$ovd" "$A"
+
 # backing= over an image whose recorded backing does not exist: always
 # allowed, no allow-remote-backing needed.  The reference is a copy
 # rebased (unsafe) onto the same URI, read by qemu.
