@@ -73,6 +73,20 @@ else
     echo "note: no free TCP port found; TCP forms not tested"
 fi
 
+# Export names (with a space and a slash, percent-encoded in the URI),
+# checked strictly by the server.
+X=$tmp/export.sock
+start_backing "$X" --filter=exportname file "$base" exportname="a b/c" \
+    exportname-strict=true
+for name in "nbd:unix:$X:exportname=a b/c" \
+    "json:{\"file.driver\":\"nbd\",\"file.path\":\"$X\",\"file.export\":\"a b/c\"}" \
+    "nbd+unix:///a%20b%2Fc?socket=$X"; do
+    compare_read --expect "$tmp/ref1.raw" "$tmp/ov1.qcow2" backing="$name"
+done
+expect_refused "no export named 'wrong'" "$tmp/ov1.qcow2" \
+    backing="nbd:unix:$X:exportname=wrong"
+stop_backing "$X"
+
 # Servers that differ: no multi-conn (one connection, requests in
 # flight), multi-conn advertised but only one client allowed (we must
 # fall back to one connection), and no base:allocation (extents say
