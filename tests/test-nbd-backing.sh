@@ -156,6 +156,12 @@ random_fill "$top" "$vsize" n=20 zeroes=10 discards=10
 ref_raw "$top" "$tmp/reftop.raw"
 compare_read --expect "$tmp/reftop.raw" "$top" "$A"
 compare_map "$top" "$A"
+# backing= is followed without the permission, but the NBD name that
+# the image it names records is not.
+compare_read --expect "$tmp/reftop.raw" "$top" "$A" backing="nbd:unix:$M" \
+    backing-format=qcow2
+expect_refused 'allow-remote-backing=true' "$top" backing="nbd:unix:$M" \
+    backing-format=qcow2
 
 # A local image on NBD may not name a local backing file.
 lmid=$tmp/lmid.qcow2
