@@ -68,11 +68,15 @@ class Config:
                                    str(self.runtime)))
         self.seed = int(get("SEED", "20261124", "20261124"))
         self.workloads = [w.strip() for w in
-                          get("WORKLOADS", "a,b,c,d,e,f,g,h,i,j,k",
-                              "a,b,c,d,e,f,g,h,i,j,k").split(",") if w.strip()]
+                          get("WORKLOADS", "a,b,c,d,e,f,g,h,i,j,k,l,m,cz",
+                              "a,b,c,d,e,f,g,h,i,j,k,l,m,cz").split(",")
+                          if w.strip()]
         self.standin = e.get("STANDIN", "")
         self.plugin = e.get("PLUGIN", "")
         self.plugin_args = e.get("PLUGIN_ARGS", "").split()
+        # Workloads l and m: the filter over the file plugin.
+        self.filter = e.get("FILTER") or os.path.join(
+            os.path.dirname(self.plugin), "nbdkit-qcow2-filter.so")
         self.srcdir = e.get("BENCH_SRCDIR") or os.path.dirname(
             os.path.dirname(os.path.abspath(__file__)))
         self.results = e.get("RESULTS_DIR") or os.path.join(
@@ -162,7 +166,8 @@ class Server:
 
 class Bench:
     SERVERS = ("plugin", "qemu", "raw")
-    LABEL = {"plugin": "plugin", "qemu": "qemu-nbd", "raw": "raw"}
+    LABEL = {"plugin": "plugin", "qemu": "qemu-nbd", "raw": "raw",
+             "filter": "filter"}
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -284,6 +289,11 @@ class Bench:
                 procs.append(self.spawn(
                     ["nbdkit", "-f", "-U", sock] + rflag + ["file", img],
                     logpath))
+            elif kind == "filter":
+                procs.append(self.spawn(
+                    ["nbdkit", "-f", "-U", sock] + rflag +
+                    ["--filter=" + self.cfg.filter, "file", "file=" + img] +
+                    ["qcow2-" + a for a in self.cfg.plugin_args], logpath))
             elif self.cfg.standin == "qcow2dec":
                 procs.append(self.spawn(
                     ["nbdkit", "-f", "-U", sock, "-r", "file", img,
@@ -397,9 +407,9 @@ class Bench:
         c = self.cfg
         rng = random.Random(c.seed)
         t0 = time.time()
-        if need & set("abcfgh"):
+        if need & set(["a", "b", "c", "f", "g", "h", "cz", "l", "m"]):
             self.make_data(rng)
-        if need & set("abgfh"):
+        if need & set("abgfhlm"):
             log("prep: full.qcow2 (qemu-img convert -O qcow2)")
             self.img["full"] = self.path("full.qcow2")
             run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2",
@@ -621,7 +631,7 @@ class Bench:
             self.warm(self.img[wl["qcow2"]], self.img[wl["raw"]])
         self.last_record = time.monotonic()
         for rep in range(c.reps):
-            for kind in self.order(rep, self.SERVERS):
+            for kind in self.order(rep, wl.get("servers", self.SERVERS)):
                 srv = None
                 tmp = None
                 try:
@@ -732,6 +742,120 @@ class Bench:
                         self.stop(srv)
 
 
+    # -- cz: virt-v2v's -oo compressed output pipeline --------------------
+
+    def make_mixed(self):
+        """The mixed disk of workload cz: data.raw with every 8th MiB
+        written as zeros and every 8th (another) left a hole."""
+        c = self.cfg
+        log("prep: mixed.raw (data.raw with zeros and holes)")
+        self.img["mixed"] = self.path("mixed.raw")
+        with open(self.img["data"], "rb") as src, \
+                open(self.img["mixed"], "wb") as dst:
+            for i in range(c.size // MiB):
+                chunk = src.read(MiB)
+                if i % 8 == 3:
+                    dst.write(bytes(MiB))
+                elif i % 8 == 6:
+                    dst.seek(MiB, 1)
+                else:
+                    dst.write(chunk)
+            dst.truncate(c.size)
+
+    def compress_copy_workload(self):
+        """nbdcopy --flush of a mixed raw disk into a fresh qcow2 made by
+        qemu-img create: the plugin with compress=true against qemu-nbd
+        through qemu's compress driver (what virt-v2v -oo compressed
+        runs), and nbdkit's file plugin on a sparse raw file (the limit,
+        without compression).  Seconds, and the size of the output."""
+        c = self.cfg
+        wid = "cz"
+        self.results[wid] = {
+            "name": "nbdcopy into compressed qcow2 (seconds)",
+            "unit": "s", "better": "lower", "runs": {}}
+        log("workload cz: nbdcopy into a compressed qcow2")
+        if "mixed" not in self.img:
+            self.make_mixed()
+        src = self.img["mixed"]
+        self.warm(src)
+        self.last_record = time.monotonic()
+        for rep in range(c.reps):
+            for kind in self.order(rep, self.SERVERS):
+                srv = None
+                out = self.path("cz-out." + ("raw" if kind == "raw"
+                                             else "qcow2"))
+                try:
+                    if kind == "raw":
+                        with open(out, "wb") as f:
+                            f.truncate(c.size)
+                    else:
+                        run(["qemu-img", "create", "-f", "qcow2", out,
+                             str(c.size)])
+                    srv = self.start_compressed(kind, out)
+                    cmd = ["nbdcopy", "--flush", src, srv.uri()]
+                    t0 = time.monotonic()
+                    r = self.run_tool(cmd, 900)
+                    dt = time.monotonic() - t0
+                    if r.returncode != 0:
+                        raise RuntimeError("nbdcopy failed (%d): %s" % (
+                            r.returncode, r.stdout[-300:]))
+                    self.stop(srv)
+                    srv = None
+                    size = os.stat(out).st_blocks * 512
+                    if kind != "raw":
+                        size = os.path.getsize(out)
+                    if rep == 0 and kind != "raw":
+                        # A benchmark of wrong data is worthless.
+                        r = subprocess.run(
+                            ["qemu-img", "compare", "-q", "-f", "raw", "-F",
+                             "qcow2", src, out])
+                        if r.returncode != 0:
+                            raise RuntimeError("the compressed copy differs "
+                                               "from the source")
+                    self.record(wid, kind, rep, dt, {"size": size})
+                except Exception as e:
+                    self.record(wid, kind, rep, None, error=str(e))
+                finally:
+                    if srv:
+                        self.stop(srv, discard=True)
+                    if os.path.exists(out):
+                        os.unlink(out)
+
+    def start_compressed(self, kind, img):
+        """A server writing compressed clusters into IMG (raw: plain)."""
+        if kind == "plugin" and not self.cfg.standin:
+            saved = self.cfg.plugin_args
+            self.cfg.plugin_args = saved + ["compress=true"]
+            try:
+                return self.start(kind, img, False)
+            finally:
+                self.cfg.plugin_args = saved
+        if kind != "qemu":
+            return self.start(kind, img, False)
+        if self.dirty:
+            self.sync_files()
+            self.dirty = False
+        self.nserver += 1
+        sock = os.path.join(self.wd, "s%d-%s.sock" % (self.nserver, kind))
+        logpath = os.path.join(self.logdir, "%s.log" % kind)
+        procs = []
+        srv = Server(kind, procs, sock, logpath)
+        self.live.append(srv)
+        try:
+            procs.append(self.spawn(
+                ["qemu-nbd", "--cache=writeback", "--aio=threads",
+                 "--shared=16", "--persistent", "--socket=" + sock,
+                 "--image-opts",
+                 "driver=compress,file.driver=qcow2,file.file.driver=file,"
+                 "file.file.filename=" + img], logpath))
+            self.write_pids()
+            self.wait_ready(procs[-1], sock, logpath)
+        except BaseException:
+            self.stop(srv)
+            raise
+        return srv
+
+
 def proc_status(pid, field):
     with open("/proc/%d/status" % pid) as f:
         for line in f:
@@ -778,6 +902,14 @@ FIO_WORKLOADS = [
      "rw": "read", "bs": "1M", "metric": "mibs", "qcow2": "nbdov",
      "raw": "data", "ro": True,
      "plugin_args": ["allow-remote-backing=true"]},
+    # The filter (nbdkit --filter=qcow2 file IMG) against the plugin on
+    # the same image, alternated.
+    {"id": "l", "name": "4k random read, allocated, filter vs plugin",
+     "rw": "randread", "bs": "4k", "metric": "iops", "qcow2": "full",
+     "raw": "data", "ro": True, "servers": ("filter", "plugin")},
+    {"id": "m", "name": "1M seq read, allocated, filter vs plugin",
+     "rw": "read", "bs": "1M", "metric": "mibs", "qcow2": "full",
+     "raw": "data", "ro": True, "servers": ("filter", "plugin")},
 ]
 
 
@@ -818,6 +950,23 @@ def summarize(bench):
             if p and qi:
                 verdict = p <= qi
                 s["plugin_qemuimg"] = p / qi
+        elif wid == "cz":
+            sizes = {k: statistics.median([r["size"] for r in v
+                                           if r.get("size")])
+                     for k, v in res["runs"].items()
+                     if any(r.get("size") for r in v)}
+            s["sizes"] = sizes
+            sp, sq = sizes.get("plugin"), sizes.get("qemu")
+            s["size_ratio"] = sp / sq if sp and sq else None
+            target = "time p/q<=1.0, size p/q<=1.05"
+            if s["plugin_qemu"] is not None and s["size_ratio"] is not None:
+                verdict = s["plugin_qemu"] <= 1.0 and s["size_ratio"] <= 1.05
+        elif wid in ("l", "m"):
+            f = med.get("filter")
+            s["filter_plugin"] = f / p if f and p else None
+            target = "filter/plugin>=0.8"
+            if s["filter_plugin"] is not None:
+                verdict = s["filter_plugin"] >= 0.8
         elif wid == "i":
             lim = (c.l2_budget + c.slack) / MiB
             target = "p<=%.0f MiB (L2 %s+%s)" % (
@@ -878,10 +1027,26 @@ def render(bench, summary, header):
     lines.append("Medians of %d repetitions.  IOPS and MiB/s: higher is "
                  "better; s (h) and MiB (i): lower is better." %
                  bench.cfg.reps)
+    for wid in ("l", "m"):
+        if wid in summary:
+            s = summary[wid]
+            lines.append("%s: the filter (--filter=qcow2 file) %s %s, the "
+                         "plugin %s %s: filter/plugin %s." % (
+                             wid, fnum(s["median"].get("filter")), s["unit"],
+                             fnum(s["median"].get("plugin")), s["unit"],
+                             fratio(s.get("filter_plugin"))))
     if "h" in summary:
         lines.append("h: plugin/qemu-nbd/raw columns are nbdcopy from that "
                      "server; qemu-img convert median %s s." %
                      fnum(summary["h"]["median"].get("qemu-img"), "s"))
+    if "cz" in summary:
+        sz = summary["cz"].get("sizes", {})
+        lines.append("cz: output file size (median) plugin %s, qemu-nbd "
+                     "(compress driver) %s, raw (allocated) %s; size p/q "
+                     "%s." % tuple(
+                         ["%.1f MiB" % (sz[k] / MiB) if sz.get(k) else "n/a"
+                          for k in ("plugin", "qemu", "raw")] +
+                         [fratio(summary["cz"].get("size_ratio"))]))
     lines.append("")
     lines.append("Ratio plot (| or + marks 1.0, full width = 2.5x; for h "
                  "and i lower is better):")
@@ -992,6 +1157,8 @@ def main():
             bench.copy_workload()
         if "i" in need:
             bench.mem_workload()
+        if "cz" in need:
+            bench.compress_copy_workload()
     finally:
         bench.cleanup()
 

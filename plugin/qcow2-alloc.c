@@ -185,6 +185,9 @@ q2_meta_init (struct q2_image *img)
       q2_meta_add (img, img->h.bitmap_dir_offset,
                    img->h.bitmap_dir_size) == -1)
     return -1;
+  if (img->crypt && img->crypt_host_iv &&
+      q2_meta_add (img, img->h.crypto_offset, img->h.crypto_length) == -1)
+    return -1;
   return add_snapshots (img);
 }
 
@@ -292,8 +295,12 @@ q2_free_now (struct q2_image *img, uint64_t off, uint64_t len)
        c <= (off + len - 1) >> img->cluster_bits; c++) {
     if (q2_rc_add (img, c, -1) == -1)
       return -1;
-    if (q2_rc_get (img, c, &rc) == 0 && rc == 0)
+    if (q2_rc_get (img, c, &rc) == 0 && rc == 0) {
       q2_meta_remove (img, c << img->cluster_bits);
+      /* Compressed writes pack into this cluster no more. */
+      if (img->cpack_end && c == (img->cpack_end >> img->cluster_bits) - 1)
+        img->cpack_end = img->cpack_off = 0;
+    }
   }
   return 0;
 }

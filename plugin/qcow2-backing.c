@@ -104,8 +104,9 @@ q2_open_backing (struct q2_image *img, const struct q2_open_opts *opts,
   if (fmt == NULL)
     return Q2_FAIL (EINVAL, "%s: the image does not record the format of "
                     "its backing file '%s', and formats are never probed; "
-                    "give backing-format=raw or backing-format=qcow2 "
-                    "(or backing=none)", img->filename, name);
+                    "give %sbacking-format=raw or %sbacking-format=qcow2 "
+                    "(or %sbacking=none)", img->filename, name,
+                    Q2_PREFIX (opts), Q2_PREFIX (opts), Q2_PREFIX (opts));
   if (strcmp (fmt, "raw") != 0 && strcmp (fmt, "qcow2") != 0)
     return Q2_FAIL (ENOTSUP, "%s: backing file '%s' has format '%s'; only "
                     "raw and qcow2 backing files are supported",
@@ -146,14 +147,15 @@ q2_open_data_file (struct q2_image *img, const struct q2_open_opts *opts,
     name = opts->data_file;
   if (!(img->h.incompat & QCOW2_INCOMPAT_DATA_FILE)) {
     if (depth == 0 && opts->data_file)
-      return Q2_FAIL (EINVAL, "%s: data-file= was given, but the image has "
-                      "no external data file", img->filename);
+      return Q2_FAIL (EINVAL, "%s: %sdata-file= was given, but the image "
+                      "has no external data file", img->filename,
+                      Q2_PREFIX (opts));
     return 0;
   }
   if (name == NULL)
     return Q2_FAIL (EINVAL, "%s: the image keeps its data in an external "
-                    "file but does not name it; give data-file=",
-                    img->filename);
+                    "file but does not name it; give %sdata-file=",
+                    img->filename, Q2_PREFIX (opts));
   if (img->io->remote)
     return Q2_FAIL (EPERM, "%s: the image is on an NBD server and names "
                     "the local data file '%s'; local files named by "

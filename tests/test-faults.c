@@ -63,6 +63,9 @@ struct kind {
   bool lazy;                    /* lazy refcounts */
   uint64_t slack;               /* see fl_make_image_near_full */
   bool snapshot;                /* the start is also snapshot "s1" */
+  bool compress_writes;         /* written with compress=true (run only
+                                   when named: test-compress-faults) */
+  bool layer_snapshot;          /* made by snapshot-create, not qemu-img */
 };
 
 #define K(n, o, cl, sz) .name = n, .create_opts = o, .cluster = cl, .size = sz
@@ -87,6 +90,13 @@ static const struct kind kinds[] = {
    */
   { K ("snapshot", "compat=1.1,cluster_size=4096", 4 * KiB, 4 * MiB),
     .snapshot = true },
+  /* compress=true: packed pieces placed, written, linked, released. */
+  { K ("cw-64k", "compat=1.1", 64 * KiB, 8 * MiB), .compress_writes = true },
+  { K ("cw-compressed-4k", "compat=1.1,cluster_size=4096", 4 * KiB, 4 * MiB),
+    .compress = true, .compress_writes = true },
+  /* The same with the snapshot taken by the layer (snapshot-create). */
+  { K ("layer-snapshot", "compat=1.1,cluster_size=4096", 4 * KiB, 4 * MiB),
+    .snapshot = true, .layer_snapshot = true },
 };
 
 /* ---- the fault-injecting q2_io ---- */
@@ -301,6 +311,22 @@ layer_read_file (const char *path, uint8_t *buf, uint64_t size)
   return r;
 }
 
+/* The data of a write: random, or for compress=true kinds random
+ * bytes at the start of every 64 with zeros between (so that clusters
+ * compress about 4:1 and several pack into one host cluster).
+ */
+static void
+fill (const struct kind *k, uint8_t *d, uint64_t len, uint64_t op_seed)
+{
+  uint64_t i;
+
+  fl_fill (d, len, op_seed);
+  if (k->compress_writes)
+    for (i = 0; i < len; i++)
+      if ((i & 63) >= 16)
+        d[i] = 0;
+}
+
 /* Run the workload with a fault at call fail_at (0: none).  Returns 0
  * if every check passed; *calls gets the number of calls made.
  */
@@ -308,7 +334,8 @@ static int
 run_once (struct ctx *c, long fail_at, int err, bool sticky, long *calls)
 {
   const struct kind *k = c->k;
-  struct q2_open_opts opts = { .l2_cache_bytes = k->l2_cache };
+  struct q2_open_opts opts = { .l2_cache_bytes = k->l2_cache,
+                               .compress = k->compress_writes };
   struct fl_model *mp = &c->m;
   struct q2_image *img = NULL;
   struct q2_io *io;
@@ -345,7 +372,7 @@ run_once (struct ctx *c, long fail_at, int err, bool sticky, long *calls)
     errno = 0;
     switch (op->kind) {
     case FL_WRITE:
-      fl_fill (data, op->len, op->seed);
+      fill (k, data, op->len, op->seed);
       r = q2_write (img, data, op->len, op->off);
       break;
     case FL_ZERO:
@@ -543,6 +570,9 @@ make_start (struct ctx *c)
   if (fl_make_image (c->tmpl_path, k->create_opts, k->compress, k->size,
                      0, seed, c->initial, &c->tmpl, &c->tmpl_len) == -1)
     return -1;
+  if (k->snapshot && k->layer_snapshot)
+    return fl_layer_snapshot_create (c->tmpl_path, "s1", &c->tmpl,
+                                     &c->tmpl_len);
   if (k->snapshot)
     return fl_snapshot_create (c->tmpl_path, "s1", &c->tmpl, &c->tmpl_len);
   return 0;
@@ -745,7 +775,7 @@ main (int argc, char *argv[])
       failed++;
   }
   for (j = 0; j < sizeof kinds / sizeof kinds[0]; j++) {
-    bool want = argc < 2;
+    bool want = argc < 2 && !kinds[j].compress_writes;
 
     for (i = 1; i < argc; i++)
       if (strcmp (argv[i], kinds[j].name) == 0)

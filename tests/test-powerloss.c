@@ -47,6 +47,9 @@ struct kind {
   uint64_t slack;               /* see fl_make_image_near_full */
   bool snapshot;                /* the start is also snapshot "s1" */
   bool compress;                /* the starting data is compressed */
+  bool compress_writes;         /* written with compress=true (run only
+                                   when named: test-compress-powerloss) */
+  bool layer_snapshot;          /* made by snapshot-create, not qemu-img */
 };
 
 #define K(n, o, cl, sz) .name = n, .create_opts = o, .cluster = cl, .size = sz
@@ -67,6 +70,15 @@ static const struct kind kinds[] = {
   /* Shared clusters and L2 tables: the snapshot must never change. */
   { K ("snapshot", "compat=1.1,cluster_size=4096", 4 * KiB, 4 * MiB),
     .snapshot = true },
+  /* compress=true: packed compressed clusters, replaced and released. */
+  { K ("cw-64k", "compat=1.1", 64 * KiB, 8 * MiB), .compress_writes = true },
+  { K ("cw-4k-zstd", "compat=1.1,cluster_size=4096,compression_type=zstd",
+       4 * KiB, 4 * MiB), .compress_writes = true },
+  { K ("cw-compressed-rc2", "compat=1.1,refcount_bits=2", 64 * KiB, 8 * MiB),
+    .compress = true, .compress_writes = true },
+  /* The same with the snapshot taken by the layer (snapshot-create). */
+  { K ("layer-snapshot", "compat=1.1,cluster_size=4096", 4 * KiB, 4 * MiB),
+    .snapshot = true, .layer_snapshot = true },
 };
 
 /* ---- the recording q2_io ---- */
@@ -243,6 +255,22 @@ static uint64_t seed;
 static size_t nops = 100;
 static long max_cuts = 60, variants = 6, qemu_read_every = 10;
 
+/* The data of a write: random, or for compress=true kinds random
+ * bytes at the start of every 64 with zeros between (so that clusters
+ * compress about 4:1 and several pack into one host cluster).
+ */
+static void
+fill (const struct kind *k, uint8_t *d, uint64_t len, uint64_t op_seed)
+{
+  uint64_t i;
+
+  fl_fill (d, len, op_seed);
+  if (k->compress_writes)
+    for (i = 0; i < len; i++)
+      if ((i & 63) >= 16)
+        d[i] = 0;
+}
+
 /* Read the whole guest disk of a file image through the layer. */
 static int
 layer_read (const struct file *f, uint8_t *buf, uint64_t size)
@@ -268,7 +296,8 @@ test_kind (const struct kind *k)
 {
   struct fl_workload w;
   struct fl_model m;
-  struct q2_open_opts opts = { .l2_cache_bytes = k->l2_cache };
+  struct q2_open_opts opts = { .l2_cache_bytes = k->l2_cache,
+                               .compress = k->compress_writes };
   struct q2_image *img;
   uint8_t *initial = malloc (k->size), *buf = malloc (k->size);
   uint8_t *data = malloc (MiB), *tmpl;
@@ -294,7 +323,11 @@ test_kind (const struct kind *k)
                : fl_make_image (path, k->create_opts, k->compress, k->size,
                                 0, seed, initial, &tmpl, &tmpl_len)) == -1)
     return -1;
-  if (k->snapshot && fl_snapshot_create (path, "s1", &tmpl, &tmpl_len) == -1)
+  if (k->snapshot &&
+      (k->layer_snapshot ? fl_layer_snapshot_create (path, "s1", &tmpl,
+                                                     &tmpl_len)
+                         : fl_snapshot_create (path, "s1", &tmpl,
+                                               &tmpl_len)) == -1)
     return -1;
   fl_workload_gen (&w, seed, k->size, k->cluster, nops);
   fl_model_init (&m, k->size, initial);
@@ -316,7 +349,7 @@ test_kind (const struct kind *k)
 
     switch (op->kind) {
     case FL_WRITE:
-      fl_fill (data, op->len, op->seed);
+      fill (k, data, op->len, op->seed);
       r = q2_write (img, data, op->len, op->off);
       break;
     case FL_ZERO: r = q2_zero (img, op->len, op->off, 0); break;
@@ -403,7 +436,7 @@ test_kind (const struct kind *k)
         const struct fl_op *op = &w.ops[model_op];
 
         if (op->kind == FL_WRITE)
-          fl_fill (data, op->len, op->seed);
+          fill (k, data, op->len, op->seed);
         fl_model_apply (&m, op, data, true);
       }
       fl_model_flushed (&m);
@@ -597,7 +630,7 @@ main (int argc, char *argv[])
     return 1;
   }
   for (j = 0; j < sizeof kinds / sizeof kinds[0]; j++) {
-    bool want = argc < 2;
+    bool want = argc < 2 && !kinds[j].compress_writes;
 
     for (i = 1; i < argc; i++)
       if (strcmp (argv[i], kinds[j].name) == 0)

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
+# Power-loss replay of compress=true writes (see test-powerloss.c): at
+# every flush point, files rebuilt from the writes a power cut could
+# have kept must pass qemu-img check without errors and keep every
+# acknowledged write.  Kinds: packed 64k clusters, 4k zstd, and
+# rewriting a compressed image with 2-bit refcounts.
+set -euo pipefail
+export PATH=/usr/bin:$PATH
+command -v qemu-img >/dev/null || { echo "missing qemu-img: skipped"; exit 77; }
+prog=${top_builddir:-.}/tests/test-powerloss
+[ -x "$prog" ] || { echo "$prog not built"; exit 1; }
+if [ -z "${TMPDIR:-}" ] && [ -d /dev/shm ] && [ -w /dev/shm ]; then
+  export TMPDIR=/dev/shm
+fi
+export POWERLOSS_CUTS=${POWERLOSS_CUTS:-25} POWERLOSS_VARIANTS=${POWERLOSS_VARIANTS:-4}
+exec "$prog" cw-64k cw-4k-zstd cw-compressed-rc2
