@@ -16,6 +16,7 @@
 #include <zstd.h>
 
 #include "qcow2-internal.h"
+#include "qcow2-nbd.h"
 #include "qcow2-cache.h"
 #include "qcow2-crypto.h"
 
@@ -140,6 +141,7 @@ q2_open_qcow2 (struct q2_io *io, const struct q2_open_opts *opts,
                struct q2_image **img_out)
 {
   struct q2_image *img = new_image (io);
+  bool nbd_backing;
 
   if (img == NULL)
     return -1;
@@ -171,8 +173,12 @@ q2_open_qcow2 (struct q2_io *io, const struct q2_open_opts *opts,
     errno = ENOTSUP;
     goto fail;
   }
+  /* An NBD name means the same on every machine: the filter follows it
+   * too, under the allow-remote-backing policy (q2_open_backing).
+   */
+  nbd_backing = img->h.backing_name && q2_nbd_is_name (img->h.backing_name);
   if (!follow && depth == 0 && opts->explicit_backing && !opts->backing &&
-      img->h.backing_name) {
+      img->h.backing_name && !nbd_backing) {
     q2_error ("%s: the image names the backing file '%s', which is not "
               "followed; give %sbacking=PATH (or %sbacking=none to read "
               "without it)", img->filename, img->h.backing_name,
@@ -180,7 +186,8 @@ q2_open_qcow2 (struct q2_io *io, const struct q2_open_opts *opts,
     errno = ENOTSUP;
     goto fail;
   }
-  if ((follow || (depth == 0 && opts->backing)) &&
+  if ((follow || (depth == 0 && opts->backing) ||
+       (depth == 0 && opts->explicit_backing && nbd_backing)) &&
       q2_open_backing (img, opts, depth, chain) == -1)
     goto fail;
   if (depth == 0 && q2_compress_setup (img, opts) == -1)

@@ -87,6 +87,25 @@ expect_refused "no export named 'wrong'" "$tmp/ov1.qcow2" \
     backing="nbd:unix:$X:exportname=wrong"
 stop_backing "$X"
 
+# The filter (over nbdkit file) follows an NBD name in the image only
+# with qcow2-allow-remote-backing=true: unlike a path, it means the
+# same on every machine.
+if [ -n "${FILTER:-}" ] && [ -f "$FILTER" ] && [ "$QCOW2_MODE" = plugin ]; then
+    nbdkit -U - -r --filter="$FILTER" file "$tmp/ov1.qcow2" \
+        qcow2-allow-remote-backing=true \
+        --run 'nbdcopy "$uri" '"$tmp/gotf.raw" 2>"$tmp/filter.log" ||
+        { cat "$tmp/filter.log" >&2; fail "the filter could not serve ov1"; }
+    cmp -s "$tmp/ref1.raw" "$tmp/gotf.raw" ||
+        fail "the filter read ov1 differently from qemu"
+    r=0
+    nbdkit -U - -r --filter="$FILTER" file "$tmp/ov1.qcow2" \
+        --run 'nbdinfo --size "$uri"' >"$tmp/filter.log" 2>&1 || r=$?
+    [ "$r" -ne 0 ] && grep -q 'qcow2-allow-remote-backing=true.*qcow2-backing=' \
+        "$tmp/filter.log" ||
+        { cat "$tmp/filter.log" >&2; fail "the filter did not refuse ov1 as it should"; }
+    echo "ok: the filter follows NBD names only with qcow2-allow-remote-backing=true"
+fi
+
 # Servers that differ: no multi-conn (one connection, requests in
 # flight), multi-conn advertised but only one client allowed (we must
 # fall back to one connection), and no base:allocation (extents say
