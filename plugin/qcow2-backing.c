@@ -118,9 +118,10 @@ q2_open_backing (struct q2_image *img, const struct q2_open_opts *opts,
     if (!explicit && !opts->allow_remote_backing)
       return Q2_FAIL (EPERM, "%s: the backing file '%s' is on an NBD "
                       "server; network backing names found inside an image "
-                      "are followed only with allow-remote-backing=true "
-                      "(or name the backing explicitly with backing=)",
-                      img->filename, name);
+                      "are followed only with %sallow-remote-backing=true "
+                      "(or name the backing explicitly with %sbacking=)",
+                      img->filename, name, Q2_PREFIX (opts),
+                      Q2_PREFIX (opts));
     return open_member (name, fmt, opts, depth + 1, chain, &img->backing);
   }
   if (img->io->remote && !explicit)

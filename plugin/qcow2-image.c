@@ -16,9 +16,9 @@
 #include <zstd.h>
 
 #include "qcow2-internal.h"
+#include "qcow2-nbd.h"
 #include "qcow2-cache.h"
 #include "qcow2-crypto.h"
-#include "qcow2-nbd.h"
 
 /* Slices of 4 KiB keep a cache miss cheap for random I/O. */
 #define L2_SLICE_SIZE 4096
@@ -122,7 +122,7 @@ q2_open_qcow2 (struct q2_io *io, const struct q2_open_opts *opts,
                struct q2_image **img_out)
 {
   struct q2_image *img = new_image (io);
-  bool remote_ok;
+  bool nbd_backing;
 
   if (img == NULL)
     return -1;
@@ -154,26 +154,21 @@ q2_open_qcow2 (struct q2_io *io, const struct q2_open_opts *opts,
     errno = ENOTSUP;
     goto fail;
   }
-  /* explicit_backing (the filter): follow an NBD backing name found in
-   * the image only with allow-remote-backing, and a local one never.
+  /* An NBD name means the same on every machine: the filter follows it
+   * too, under the allow-remote-backing policy (q2_open_backing).
    */
-  remote_ok = !follow && depth == 0 && opts->explicit_backing &&
-    !opts->backing && img->h.backing_name && opts->allow_remote_backing &&
-    q2_nbd_is_name (img->h.backing_name);
+  nbd_backing = img->h.backing_name && q2_nbd_is_name (img->h.backing_name);
   if (!follow && depth == 0 && opts->explicit_backing && !opts->backing &&
-      img->h.backing_name && !remote_ok) {
+      img->h.backing_name && !nbd_backing) {
     q2_error ("%s: the image names the backing file '%s', which is not "
               "followed; give %sbacking=PATH (or %sbacking=none to read "
-              "without it%s%s%s)", img->filename, img->h.backing_name,
-              Q2_PREFIX (opts), Q2_PREFIX (opts),
-              q2_nbd_is_name (img->h.backing_name) ? ", or " : "",
-              q2_nbd_is_name (img->h.backing_name) ? Q2_PREFIX (opts) : "",
-              q2_nbd_is_name (img->h.backing_name)
-              ? "allow-remote-backing=true to follow the NBD name" : "");
+              "without it)", img->filename, img->h.backing_name,
+              Q2_PREFIX (opts), Q2_PREFIX (opts));
     errno = ENOTSUP;
     goto fail;
   }
-  if ((follow || (depth == 0 && opts->backing) || remote_ok) &&
+  if ((follow || (depth == 0 && opts->backing) ||
+       (depth == 0 && opts->explicit_backing && nbd_backing)) &&
       q2_open_backing (img, opts, depth, chain) == -1)
     goto fail;
   if (depth == 0 && q2_compress_setup (img, opts) == -1)
