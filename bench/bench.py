@@ -68,8 +68,8 @@ class Config:
                                    str(self.runtime)))
         self.seed = int(get("SEED", "20261124", "20261124"))
         self.workloads = [w.strip() for w in
-                          get("WORKLOADS", "a,b,c,d,e,f,g,h,i,j,k,l,m,cz,cv",
-                              "a,b,c,d,e,f,g,h,i,j,k,l,m,cz,cv").split(",")
+                          get("WORKLOADS", "a,b,c,d,e,f,g,h,i,j,k,l,m,cz,n,o,p,cv",
+                              "a,b,c,d,e,f,g,h,i,j,k,l,m,cz,n,o,p,cv").split(",")
                           if w.strip()]
         self.standin = e.get("STANDIN", "")
         self.plugin = e.get("PLUGIN", "")
@@ -258,17 +258,56 @@ class Bench:
         raise RuntimeError("server not ready after %ds: %s" %
                            (timeout, tail(logpath)))
 
-    def qemu_cmd(self, img, ro, sock):
+    def qemu_cmd(self, img, ro, sock, enc=False):
         cmd = ["qemu-nbd", "-f", "qcow2", "--cache=writeback",
                "--aio=threads", "--shared=16", "--persistent",
                "--socket=" + sock]
         if ro:
             cmd.append("--read-only")
+        if enc:
+            # An encrypted image: the secret, and the image as options.
+            cmd.remove("-f")
+            cmd.remove("qcow2")
+            return cmd + ["--object", "secret,id=s0,file=" + self.pwfile(),
+                          "--image-opts",
+                          "driver=qcow2,file.filename=%s,"
+                          "encrypt.key-secret=s0" % img]
         return cmd + [img]
 
-    def start(self, kind, img, ro, extra_args=()):
+    def pwfile(self):
+        """The password of the encrypted (LUKS) images."""
+        path = self.path("luks.pw")
+        if not os.path.exists(path):
+            with open(path, "w") as f:
+                f.write("bench-secret")
+        return path
+
+    def make_luks(self, path, src=None, size=None):
+        """A LUKS (aes-256-xts-plain64) qcow2 image, converted from src
+        or empty of the given size.  qemu-img with LUKS fails now and then
+        under load ("Unable to get accurate CPU usage"): retry."""
+        sec = ["--object", "secret,id=s0,file=" + self.pwfile(), "-o",
+               "encrypt.format=luks,encrypt.key-secret=s0,"
+               "encrypt.iter-time=100"]
+        if src:
+            cmd = ["qemu-img", "convert", "-f", "raw", "-O", "qcow2"] + \
+                sec + [src, path]
+        else:
+            cmd = ["qemu-img", "create", "-q", "-f", "qcow2"] + sec + \
+                [path, str(size)]
+        for i in range(8):
+            try:
+                run(cmd)
+                return
+            except Exception:
+                if i == 7:
+                    raise
+                time.sleep(0.2)
+
+    def start(self, kind, img, ro, extra_args=(), enc=False):
         """Start server KIND on IMG; ro: export read-only; extra_args:
-        more plugin parameters (the plugin only)."""
+        more plugin parameters (the plugin only); enc: the image is
+        encrypted with the password of pwfile()."""
         # Write back dirty pages left by earlier runs (and image
         # preparation) now, outside the timing, not during this run.
         if self.dirty:
@@ -283,7 +322,7 @@ class Bench:
         self.live.append(srv)
         try:
             if kind == "qemu":
-                procs.append(self.spawn(self.qemu_cmd(img, ro, sock),
+                procs.append(self.spawn(self.qemu_cmd(img, ro, sock, enc),
                                         logpath))
             elif kind == "raw":
                 procs.append(self.spawn(
@@ -313,7 +352,8 @@ class Bench:
                 procs.append(self.spawn(
                     ["nbdkit", "-f", "-U", sock] + rflag +
                     [self.cfg.plugin, "file=" + img] + self.cfg.plugin_args +
-                    list(extra_args),
+                    list(extra_args) +
+                    (["password=+" + self.pwfile()] if enc else []),
                     logpath))
             self.write_pids()
             self.wait_ready(procs[-1], sock, logpath)
@@ -407,7 +447,7 @@ class Bench:
         c = self.cfg
         rng = random.Random(c.seed)
         t0 = time.time()
-        if need & set(["a", "b", "c", "f", "g", "h", "cz", "l", "m", "cv"]):
+        if need & set(["a", "b", "c", "f", "g", "h", "cz", "l", "m", "n", "p", "cv"]):
             self.make_data(rng)
         if need & set("abgfhlm"):
             log("prep: full.qcow2 (qemu-img convert -O qcow2)")
@@ -426,6 +466,10 @@ class Bench:
             self.img["ow_raw"] = self.path("ow.raw")
             shutil.copyfile(self.img["full"], self.img["ow"])
             shutil.copyfile(self.img["data"], self.img["ow_raw"])
+        if need & set(["n", "p"]):
+            log("prep: luks.qcow2 (qemu-img convert, LUKS aes-256-xts)")
+            self.img["luks"] = self.path("luks.qcow2")
+            self.make_luks(self.img["luks"], src=self.img["data"])
         if "g" in need:
             self.make_chain(rng)
         if "i" in need:
@@ -642,14 +686,18 @@ class Bench:
                                 f.truncate(c.wsize)
                         else:
                             tmp = self.path("fresh.qcow2")
-                            run(["qemu-img", "create", "-f", "qcow2", tmp,
-                                 str(c.wsize)])
+                            if wl.get("enc"):
+                                self.make_luks(tmp, size=c.wsize)
+                            else:
+                                run(["qemu-img", "create", "-f", "qcow2",
+                                     tmp, str(c.wsize)])
                         img = tmp
                     else:
                         img = self.img[wl["qcow2" if kind != "raw"
                                           else "raw"]]
                     srv = self.start(kind, img, wl["ro"],
-                                     wl.get("plugin_args", ()))
+                                     wl.get("plugin_args", ()),
+                                     wl.get("enc", False) and kind != "raw")
                     self.dirty = self.dirty or not wl["ro"]
                     m = self.fio(srv, wl)
                     self.record(wid, kind, rep, m[wl["metric"]], m)
@@ -977,6 +1025,16 @@ FIO_WORKLOADS = [
     {"id": "m", "name": "1M seq read, allocated, filter vs plugin",
      "rw": "read", "bs": "1M", "metric": "mibs", "qcow2": "full",
      "raw": "data", "ro": True, "servers": ("filter", "plugin")},
+    # Encrypted (LUKS aes-256-xts-plain64); qemu-nbd gets the secret.
+    {"id": "n", "name": "1M seq read, LUKS aes-256-xts", "rw": "read",
+     "bs": "1M", "metric": "mibs", "qcow2": "luks", "raw": "data",
+     "ro": True, "enc": True},
+    {"id": "o", "name": "1M seq write, LUKS, allocating (fresh)",
+     "rw": "write", "bs": "1M", "metric": "mibs", "fresh": True,
+     "ro": False, "timed": False, "enc": True},
+    {"id": "p", "name": "4k random read, LUKS aes-256-xts",
+     "rw": "randread", "bs": "4k", "metric": "iops", "qcow2": "luks",
+     "raw": "data", "ro": True, "enc": True},
 ]
 
 
@@ -1003,6 +1061,10 @@ def summarize(bench):
             target = "p/q>=1.5, p/raw>=0.7"
             if s["plugin_qemu"] is not None and s["plugin_raw"] is not None:
                 verdict = s["plugin_qemu"] >= 1.5 and s["plugin_raw"] >= 0.7
+        elif wid in ("n", "o"):
+            target = "p/q>=1.2"
+            if s["plugin_qemu"] is not None:
+                verdict = s["plugin_qemu"] >= 1.2
         elif wid in "bcdef":
             target = "p/q>=1.0"
             if s["plugin_qemu"] is not None:

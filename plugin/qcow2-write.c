@@ -40,26 +40,6 @@
 
 #define ALL_SUBCLUSTERS UINT64_C (0xffffffff)
 
-/* The file size is a high-water mark of everything ever written: past
- * it, clusters have never held data (see fresh_zeros).  A failed write
- * raises it too, because a full disk may take part of a write first.
- */
-int
-q2_write_file (struct q2_image *img, const void *buf, size_t n, uint64_t off)
-{
-  uint64_t end = off + n, cur;
-  int r = img->io->ops->pwrite (img->io, buf, n, off);
-  int saved_errno = errno;
-
-  cur = __atomic_load_n (&img->file_size, __ATOMIC_ACQUIRE);
-  while (end > cur &&
-         !__atomic_compare_exchange_n (&img->file_size, &cur, end, false,
-                                       __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
-    ;
-  errno = saved_errno;
-  return r;
-}
-
 static int
 write_plain (struct q2_image *img, const void *buf, size_t n, uint64_t host)
 {
@@ -101,30 +81,6 @@ write_data (struct q2_image *img, const void *buf, size_t n, uint64_t host,
     guest += len;
     n -= len;
   }
-  return 0;
-}
-
-static int
-write_header_u64 (struct q2_image *img, unsigned field, uint64_t v)
-{
-  uint8_t b[8];
-
-  put_be64 (b, v);
-  return q2_write_file (img, b, 8, field);
-}
-
-/* Stop writing for good; best effort to record it in the header. */
-int
-q2_mark_corrupt (struct q2_image *img)
-{
-  if (img->corrupt)
-    return 0;
-  img->corrupt = true;
-  if (img->h.version < 3)
-    return 0;
-  img->h.incompat |= QCOW2_INCOMPAT_CORRUPT;
-  if (write_header_u64 (img, QH_INCOMPAT, img->h.incompat) == 0)
-    img->io->ops->flush (img->io);
   return 0;
 }
 
@@ -174,8 +130,8 @@ begin_write (struct q2_image *img)
     incompat |= QCOW2_INCOMPAT_DIRTY;
   if (img->h.version >= 3 &&
       (incompat != img->h.incompat || autoclear != img->h.autoclear)) {
-    if (write_header_u64 (img, QH_INCOMPAT, incompat) == -1 ||
-        write_header_u64 (img, QH_AUTOCLEAR, autoclear) == -1 ||
+    if (q2_write_header_u64 (img, QH_INCOMPAT, incompat) == -1 ||
+        q2_write_header_u64 (img, QH_AUTOCLEAR, autoclear) == -1 ||
         img->io->ops->flush (img->io) == -1)
       goto fail;
     img->h.incompat = incompat;
@@ -1047,7 +1003,7 @@ q2_finish_writes (struct q2_image *img)
     return -1;
   if (img->lazy && !img->corrupt) {
     img->h.incompat &= ~QCOW2_INCOMPAT_DIRTY;
-    if (write_header_u64 (img, QH_INCOMPAT, img->h.incompat) == -1 ||
+    if (q2_write_header_u64 (img, QH_INCOMPAT, img->h.incompat) == -1 ||
         img->io->ops->flush (img->io) == -1)
       return -1;
   }

@@ -96,7 +96,7 @@ refuse 'is only valid with create=true' file="$w/image.qcow2" create=false size=
 # The filter parses the same options but cannot create its plugin's
 # export; its messages carry its prefix.
 if [ -n "${FILTER:-}" ] && [ -f "$FILTER" ]; then
-    for args in "qcow2-create=true qcow2-size=1M|qcow2-create=true is not supported by the filter" \
+    for args in "qcow2-create=true qcow2-size=1M|qcow2-create=true: the filter does not create images" \
                 "qcow2-size=1M|qcow2-size= is only valid with qcow2-create=true"; do
         r=0
         # shellcheck disable=SC2086
