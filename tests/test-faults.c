@@ -99,120 +99,17 @@ static const struct kind kinds[] = {
     .snapshot = true, .layer_snapshot = true },
 };
 
-/* ---- the fault-injecting q2_io ---- */
-
 static size_t nops = 60;
 static bool fault_reads;        /* count and fail preads too */
 
-static struct {
-  long calls, fail_at;          /* fail_at 0: never */
-  int err;
-  bool sticky;
-  long fired;
-  int fired_op;                 /* op index of the first fault */
-  int cur_op;                   /* -1 open, nops: close */
-} fs;
-
-struct fault_io {
-  struct q2_io io;
-  struct q2_io *inner;
-};
-
-static bool
-inject (void)
-{
-  fs.calls++;
-  if (fs.fail_at == 0 ||
-      !(fs.calls == fs.fail_at || (fs.sticky && fs.calls > fs.fail_at)))
-    return false;
-  if (fs.fired++ == 0)
-    fs.fired_op = fs.cur_op;
-  return true;
-}
-
-static int
-fio_pread (struct q2_io *io, void *buf, size_t n, uint64_t off)
-{
-  struct q2_io *in = ((struct fault_io *) io)->inner;
-
-  /* Optionally reads fail too, but only inside the workload. */
-  if (fault_reads && fs.cur_op >= 0 && (size_t) fs.cur_op < nops &&
-      inject ()) {
-    errno = fs.err;
-    return -1;
-  }
-  return in->ops->pread (in, buf, n, off);
-}
-
-static int
-fio_pwrite (struct q2_io *io, const void *buf, size_t n, uint64_t off)
-{
-  struct q2_io *in = ((struct fault_io *) io)->inner;
-
-  if (inject ()) {
-    /* A full disk may take part of the write first. */
-    size_t part = (n / 2) & ~(size_t) 511;
-
-    if (fs.err == ENOSPC && part)
-      in->ops->pwrite (in, buf, part, off);
-    errno = fs.err;
-    return -1;
-  }
-  return in->ops->pwrite (in, buf, n, off);
-}
-
-static int
-fio_flush (struct q2_io *io)
-{
-  if (inject ()) {
-    errno = fs.err;
-    return -1;
-  }
-  /* No power is lost here, so the file need not reach stable storage:
-   * skipping fdatasync keeps the many runs fast.
-   */
-  return 0;
-}
-
-static int64_t
-fio_size (struct q2_io *io)
-{
-  struct q2_io *in = ((struct fault_io *) io)->inner;
-
-  return in->ops->size (in);
-}
-
+/* fl_io.cur_op: -1 open, nops: close.  Reads fail, when they do, only
+ * inside the workload.
+ */
 static void
-fio_close (struct q2_io *io)
+set_cur_op (int op)
 {
-  q2_io_close (((struct fault_io *) io)->inner);
-}
-
-static const struct q2_io_ops fault_ops = {
-  .pread = fio_pread,
-  .pwrite = fio_pwrite,
-  .flush = fio_flush,
-  .size = fio_size,
-  .close = fio_close,
-};
-
-static struct q2_io *
-fault_io_new (const char *path)
-{
-  struct fault_io *f = calloc (1, sizeof *f);
-
-  if (f == NULL)
-    abort ();
-  f->inner = q2_io_file_open (path, false);
-  if (f->inner == NULL) {
-    free (f);
-    return NULL;
-  }
-  f->io.ops = &fault_ops;
-  f->io.name = strdup (path);
-  f->io.dev = f->inner->dev;
-  f->io.ino = f->inner->ino;
-  return &f->io;
+  fl_io.cur_op = op;
+  fl_io.fail_reads = fault_reads && op >= 0 && (size_t) op < nops;
 }
 
 /* ---- logging ---- */
@@ -258,8 +155,8 @@ struct ctx {
 #define FAIL(c, n, ...) \
   do { \
     fprintf (stderr, "FAIL [%s N=%ld %s%s seed=%" PRIu64 "]: ", \
-             (c)->k->name, (long) (n), fs.err == EIO ? "EIO" : "ENOSPC", \
-             fs.sticky ? " sticky" : "", seed); \
+             (c)->k->name, (long) (n), fl_io.err == EIO ? "EIO" : "ENOSPC", \
+             fl_io.sticky ? " sticky" : "", seed); \
     fprintf (stderr, __VA_ARGS__); \
     fprintf (stderr, "\n"); \
     goto fail; \
@@ -346,17 +243,16 @@ run_once (struct ctx *c, long fail_at, int err, bool sticky, long *calls)
   int rc;
 
   fl_model_reset (mp, c->initial);
-  memset (&fs, 0, sizeof fs);
-  fs.fail_at = fail_at;
-  fs.err = err;
-  fs.sticky = sticky;
-  fs.cur_op = -1;
+  fl_io_reset (fail_at, err, sticky, false);
+  set_cur_op (-1);
   n_errors_logged = 0;
   c->st.runs++;
 
   if (fl_write_file (c->work, c->tmpl, c->tmpl_len) == -1)
     FAIL (c, fail_at, "cannot copy the starting image");
-  io = fault_io_new (c->work);
+  io = q2_io_file_open (c->work, false);
+  if (io != NULL)
+    io = fl_io_wrap (io);
   if (io == NULL)
     FAIL (c, fail_at, "cannot open %s", c->work);
   if (q2_open_io (io, &opts, &img) == -1) {
@@ -368,7 +264,7 @@ run_once (struct ctx *c, long fail_at, int err, bool sticky, long *calls)
     const struct fl_op *op = &c->w.ops[i];
     int r = 0, e;
 
-    fs.cur_op = i;
+    set_cur_op (i);
     errno = 0;
     switch (op->kind) {
     case FL_WRITE:
@@ -392,7 +288,7 @@ run_once (struct ctx *c, long fail_at, int err, bool sticky, long *calls)
       break;
     }
     e = errno;
-    if (fs.fired && fs.fired_op == (int) i && !reported) {
+    if (fl_io.fired && fl_io.fired_op == (int) i && !reported) {
       reported = true;
       if (r != -1)
         FAIL (c, fail_at, "op %zu (%s %" PRIu64 "+%" PRIu64 ") succeeded "
@@ -404,7 +300,7 @@ run_once (struct ctx *c, long fail_at, int err, bool sticky, long *calls)
               strerror (err));
     }
     else if (r == -1) {
-      if (!fs.fired)
+      if (!fl_io.fired)
         FAIL (c, fail_at, "op %zu (%s %" PRIu64 "+%" PRIu64 ") failed with "
               "no fault injected: %s", i, fl_kind_name (op->kind), op->off,
               op->len, strerror (e));
@@ -416,15 +312,15 @@ run_once (struct ctx *c, long fail_at, int err, bool sticky, long *calls)
               "unexpected errno %d (%s)", i, fl_kind_name (op->kind), e,
               strerror (e));
       c->st.later_fail++;
-      if (!fs.sticky) {
+      if (!fl_io.sticky) {
         c->st.once_later_fail++;
         if (verbose)
           fprintf (stderr, "N=%ld: op %zu (%s) failed after a one-shot "
                    "fault in op %d: %s\n", fail_at, i,
-                   fl_kind_name (op->kind), fs.fired_op, strerror (e));
+                   fl_kind_name (op->kind), fl_io.fired_op, strerror (e));
       }
     }
-    else if (fs.fired)
+    else if (fl_io.fired)
       c->st.later_ok++;
 
     if (op->kind == FL_READ && r == 0) {
@@ -447,21 +343,21 @@ run_once (struct ctx *c, long fail_at, int err, bool sticky, long *calls)
     c->st.final_flush_failed++;
 
   /* What the open image shows must already match the model. */
-  fs.cur_op = c->w.n;
+  set_cur_op (c->w.n);
   if (q2_read (img, buf, k->size, 0) == 0) {
     if (fl_model_check (mp, buf, 0, k->size, false, NULL, "before close"))
       FAIL (c, fail_at, "the open image reads back wrong");
   }
-  else if (!fs.fired)
+  else if (!fl_io.fired)
     FAIL (c, fail_at, "reading the whole disk failed: %m");
   q2_close (img);
   img = NULL;
-  *calls = fs.calls;
+  *calls = fl_io.calls;
 
   if (fail_at) {
-    if (!fs.fired)
-      FAIL (c, fail_at, "the fault never fired (%ld calls)", fs.calls);
-    if (fs.fired_op == (int) c->w.n)
+    if (!fl_io.fired)
+      FAIL (c, fail_at, "the fault never fired (%ld calls)", fl_io.calls);
+    if (fl_io.fired_op == (int) c->w.n)
       c->st.fired_in_close++;
   }
   else if (n_errors_logged)
@@ -481,7 +377,7 @@ run_once (struct ctx *c, long fail_at, int err, bool sticky, long *calls)
                       c->work, NULL };
 
     c->st.dirty++;
-    if (!fs.fired)
+    if (!fl_io.fired)
       FAIL (c, fail_at, "the dirty bit is still set after a clean close");
     if (!k->lazy)
       FAIL (c, fail_at, "the dirty bit is set on an image without lazy "
