@@ -55,6 +55,18 @@ fl_fill (uint8_t *buf, uint64_t len, uint64_t seed)
   }
 }
 
+void
+fl_fill_data (uint8_t *buf, uint64_t len, uint64_t seed, bool compressible)
+{
+  uint64_t i;
+
+  fl_fill (buf, len, seed);
+  if (compressible)
+    for (i = 0; i < len; i++)
+      if ((i & 63) >= 16)
+        buf[i] = 0;
+}
+
 /* ---- workload ---- */
 
 const char *
@@ -700,6 +712,40 @@ fl_rm_rf (const char *dir)
   }
   closedir (d);
   rmdir (dir);
+}
+
+int
+fl_mkdtemp (char *dir, size_t size, const char *prefix)
+{
+  const char *t = getenv ("TMPDIR");
+
+  snprintf (dir, size, "%s/%s-XXXXXX", t ? t : "/tmp", prefix);
+  if (mkdtemp (dir) == NULL) {
+    perror ("mkdtemp");
+    return -1;
+  }
+  return 0;
+}
+
+void
+fl_keep_or_remove (const char *dir)
+{
+  if (getenv ("KEEP"))
+    printf ("kept %s\n", dir);
+  else
+    fl_rm_rf (dir);
+}
+
+bool
+fl_wanted (int argc, char *argv[], const char *name, bool by_default)
+{
+  bool want = argc < 2 && by_default;
+  int i;
+
+  for (i = 1; i < argc; i++)
+    if (strcmp (argv[i], name) == 0)
+      want = true;
+  return want;
 }
 
 int

@@ -25,6 +25,12 @@ extern uint64_t fl_rand (uint64_t *state);
 extern uint64_t fl_below (uint64_t *state, uint64_t n);  /* [0, n) */
 /* Fill buf with bytes derived from seed. */
 extern void fl_fill (uint8_t *buf, uint64_t len, uint64_t seed);
+/* The data of a write: fl_fill, or if compressible random bytes at the
+ * start of every 64 with zeros between (so that clusters compress about
+ * 4:1 and several pack into one host cluster).
+ */
+extern void fl_fill_data (uint8_t *buf, uint64_t len, uint64_t seed,
+                          bool compressible);
 
 /* ---- workload ---- */
 enum fl_kind { FL_WRITE, FL_ZERO, FL_ZERO_TRIM, FL_TRIM, FL_FLUSH, FL_READ };
@@ -183,5 +189,16 @@ extern int fl_write_file (const char *path, const void *data, size_t len);
 extern int fl_read_file (const char *path, uint8_t **data, size_t *len);
 extern void fl_print_file (const char *path, int max_lines);
 extern void fl_rm_rf (const char *dir);
+/* Make dir ("$TMPDIR/prefix-XXXXXX", /tmp without TMPDIR); 0 or -1. */
+extern int fl_mkdtemp (char *dir, size_t size, const char *prefix);
+/* With KEEP set, say that dir is kept; else remove it. */
+extern void fl_keep_or_remove (const char *dir);
+
+/* ---- the command line ---- */
+/* Whether to run the part called name: named in argv[1..], or (with no
+ * arguments) if by_default.
+ */
+extern bool fl_wanted (int argc, char *argv[], const char *name,
+                       bool by_default);
 
 #endif /* FAULTLIB_H */

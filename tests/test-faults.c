@@ -208,22 +208,6 @@ layer_read_file (const char *path, uint8_t *buf, uint64_t size)
   return r;
 }
 
-/* The data of a write: random, or for compress=true kinds random
- * bytes at the start of every 64 with zeros between (so that clusters
- * compress about 4:1 and several pack into one host cluster).
- */
-static void
-fill (const struct kind *k, uint8_t *d, uint64_t len, uint64_t op_seed)
-{
-  uint64_t i;
-
-  fl_fill (d, len, op_seed);
-  if (k->compress_writes)
-    for (i = 0; i < len; i++)
-      if ((i & 63) >= 16)
-        d[i] = 0;
-}
-
 /* Run the workload with a fault at call fail_at (0: none).  Returns 0
  * if every check passed; *calls gets the number of calls made.
  */
@@ -268,7 +252,7 @@ run_once (struct ctx *c, long fail_at, int err, bool sticky, long *calls)
     errno = 0;
     switch (op->kind) {
     case FL_WRITE:
-      fill (k, data, op->len, op->seed);
+      fl_fill_data (data, op->len, op->seed, k->compress_writes);
       r = q2_write (img, data, op->len, op->off);
       break;
     case FL_ZERO:
@@ -633,8 +617,8 @@ test_flush_error_sticky (void)
 int
 main (int argc, char *argv[])
 {
-  const char *s = getenv ("SEED"), *t = getenv ("TMPDIR");
-  int i, failed = 0;
+  const char *s = getenv ("SEED");
+  int failed = 0;
   size_t j;
 
   verbose = getenv ("VERBOSE") != NULL;
@@ -656,33 +640,16 @@ main (int argc, char *argv[])
   fflush (stdout);
   q2_set_log_hooks (log_error, NULL);
 
-  snprintf (tmpdir, sizeof tmpdir, "%s/test-faults-XXXXXX", t ? t : "/tmp");
-  if (mkdtemp (tmpdir) == NULL) {
-    perror ("mkdtemp");
+  if (fl_mkdtemp (tmpdir, sizeof tmpdir, "test-faults") == -1)
     return 1;
-  }
-  {
-    bool want = argc < 2;
-
-    for (i = 1; i < argc; i++)
-      if (strcmp (argv[i], "flush-error") == 0)
-        want = true;
-    if (want && test_flush_error_sticky () == -1)
+  if (fl_wanted (argc, argv, "flush-error", true) &&
+      test_flush_error_sticky () == -1)
+    failed++;
+  for (j = 0; j < sizeof kinds / sizeof kinds[0]; j++)
+    if (fl_wanted (argc, argv, kinds[j].name, !kinds[j].compress_writes) &&
+        test_kind (&kinds[j]) == -1)
       failed++;
-  }
-  for (j = 0; j < sizeof kinds / sizeof kinds[0]; j++) {
-    bool want = argc < 2 && !kinds[j].compress_writes;
-
-    for (i = 1; i < argc; i++)
-      if (strcmp (argv[i], kinds[j].name) == 0)
-        want = true;
-    if (want && test_kind (&kinds[j]) == -1)
-      failed++;
-  }
-  if (getenv ("KEEP"))
-    printf ("kept %s\n", tmpdir);
-  else
-    fl_rm_rf (tmpdir);
+  fl_keep_or_remove (tmpdir);
   if (failed)
     printf ("%d image kinds FAILED (seed=%" PRIu64 ")\n", failed, seed);
   return failed ? 1 : 0;

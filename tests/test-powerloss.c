@@ -100,22 +100,6 @@ static uint64_t seed;
 static size_t nops = 100;
 static long max_cuts = 60, variants = 6, qemu_read_every = 10;
 
-/* The data of a write: random, or for compress=true kinds random
- * bytes at the start of every 64 with zeros between (so that clusters
- * compress about 4:1 and several pack into one host cluster).
- */
-static void
-fill (const struct kind *k, uint8_t *d, uint64_t len, uint64_t op_seed)
-{
-  uint64_t i;
-
-  fl_fill (d, len, op_seed);
-  if (k->compress_writes)
-    for (i = 0; i < len; i++)
-      if ((i & 63) >= 16)
-        d[i] = 0;
-}
-
 /* Read the whole guest disk of a file image through the layer. */
 static int
 layer_read (const struct fl_file *f, uint8_t *buf, uint64_t size)
@@ -194,7 +178,7 @@ test_kind (const struct kind *k)
 
     switch (op->kind) {
     case FL_WRITE:
-      fill (k, data, op->len, op->seed);
+      fl_fill_data (data, op->len, op->seed, k->compress_writes);
       r = q2_write (img, data, op->len, op->off);
       break;
     case FL_ZERO: r = q2_zero (img, op->len, op->off, 0); break;
@@ -281,7 +265,7 @@ test_kind (const struct kind *k)
         const struct fl_op *op = &w.ops[model_op];
 
         if (op->kind == FL_WRITE)
-          fill (k, data, op->len, op->seed);
+          fl_fill_data (data, op->len, op->seed, k->compress_writes);
         fl_model_apply (&m, op, data, true);
       }
       fl_model_flushed (&m);
@@ -442,8 +426,8 @@ test_kind (const struct kind *k)
 int
 main (int argc, char *argv[])
 {
-  const char *s = getenv ("SEED"), *t = getenv ("TMPDIR");
-  int i, failed = 0;
+  const char *s = getenv ("SEED");
+  int failed = 0;
   size_t j;
 
   seed = s && *s ? strtoull (s, NULL, 0) : (uint64_t) time (NULL) % 100000;
@@ -468,25 +452,13 @@ main (int argc, char *argv[])
   fflush (stdout);
   q2_set_log_hooks (log_error, NULL);
 
-  snprintf (tmpdir, sizeof tmpdir, "%s/test-powerloss-XXXXXX",
-            t ? t : "/tmp");
-  if (mkdtemp (tmpdir) == NULL) {
-    perror ("mkdtemp");
+  if (fl_mkdtemp (tmpdir, sizeof tmpdir, "test-powerloss") == -1)
     return 1;
-  }
-  for (j = 0; j < sizeof kinds / sizeof kinds[0]; j++) {
-    bool want = argc < 2 && !kinds[j].compress_writes;
-
-    for (i = 1; i < argc; i++)
-      if (strcmp (argv[i], kinds[j].name) == 0)
-        want = true;
-    if (want && test_kind (&kinds[j]) == -1)
+  for (j = 0; j < sizeof kinds / sizeof kinds[0]; j++)
+    if (fl_wanted (argc, argv, kinds[j].name, !kinds[j].compress_writes) &&
+        test_kind (&kinds[j]) == -1)
       failed++;
-  }
-  if (getenv ("KEEP"))
-    printf ("kept %s\n", tmpdir);
-  else
-    fl_rm_rf (tmpdir);
+  fl_keep_or_remove (tmpdir);
   if (failed)
     printf ("%d image kinds FAILED (seed=%" PRIu64 ")\n", failed, seed);
   return failed ? 1 : 0;

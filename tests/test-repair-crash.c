@@ -479,31 +479,17 @@ int
 main (int argc, char *argv[])
 {
   size_t i;
-  int a;
 
   seed = getenv ("SEED") ? strtoull (getenv ("SEED"), NULL, 0)
                          : (uint64_t) getpid ();
   printf ("seed=%" PRIu64 " (rerun with SEED=%" PRIu64 ")\n", seed, seed);
-  snprintf (tmpdir, sizeof tmpdir, "%s/repair-crash-XXXXXX",
-            getenv ("TMPDIR") ? getenv ("TMPDIR") : "/tmp");
-  if (mkdtemp (tmpdir) == NULL) {
-    perror ("mkdtemp");
+  if (fl_mkdtemp (tmpdir, sizeof tmpdir, "repair-crash") == -1)
     return 1;
-  }
   q2_set_log_hooks (quiet, NULL);
-  for (i = 0; i < sizeof kinds / sizeof kinds[0]; i++) {
-    bool want = argc == 1;
-
-    for (a = 1; a < argc; a++)
-      if (strcmp (argv[a], kinds[i].name) == 0)
-        want = true;
-    if (want)
+  for (i = 0; i < sizeof kinds / sizeof kinds[0]; i++)
+    if (fl_wanted (argc, argv, kinds[i].name, true))
       test_kind (&kinds[i]);
-  }
   free (seen);
-  if (getenv ("KEEP"))
-    printf ("kept %s\n", tmpdir);
-  else
-    fl_rm_rf (tmpdir);
+  fl_keep_or_remove (tmpdir);
   return failures ? 1 : 0;
 }

@@ -499,8 +499,8 @@ test_kind (const struct kind *k)
 int
 main (int argc, char *argv[])
 {
-  const char *s = getenv ("SEED"), *t = getenv ("TMPDIR");
-  int i, failed = 0;
+  const char *s = getenv ("SEED");
+  int failed = 0;
   size_t j;
 
   seed = s && *s ? strtoull (s, NULL, 0) : (uint64_t) time (NULL) % 100000;
@@ -520,25 +520,13 @@ main (int argc, char *argv[])
   fflush (stdout);
   q2_set_log_hooks (log_error, NULL);
 
-  snprintf (tmpdir, sizeof tmpdir, "%s/test-snapshot-crash-XXXXXX",
-            t ? t : "/tmp");
-  if (mkdtemp (tmpdir) == NULL) {
-    perror ("mkdtemp");
+  if (fl_mkdtemp (tmpdir, sizeof tmpdir, "test-snapshot-crash") == -1)
     return 1;
-  }
-  for (j = 0; j < sizeof kinds / sizeof kinds[0]; j++) {
-    bool want = argc < 2;
-
-    for (i = 1; i < argc; i++)
-      if (strcmp (argv[i], kinds[j].name) == 0)
-        want = true;
-    if (want && test_kind (&kinds[j]) == -1)
+  for (j = 0; j < sizeof kinds / sizeof kinds[0]; j++)
+    if (fl_wanted (argc, argv, kinds[j].name, true) &&
+        test_kind (&kinds[j]) == -1)
       failed++;
-  }
-  if (getenv ("KEEP"))
-    printf ("kept %s\n", tmpdir);
-  else
-    fl_rm_rf (tmpdir);
+  fl_keep_or_remove (tmpdir);
   if (failed)
     printf ("%d image kinds FAILED (seed=%" PRIu64 ")\n", failed, seed);
   return failed ? 1 : 0;
