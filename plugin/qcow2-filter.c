@@ -28,6 +28,7 @@
 
 #include "qcow2-internal.h"
 #include "qcow2-params.h"
+#include "qcow2-glue.h"
 
 /* -D qcow2.map=1: log every mapping.  -D qcow2.cache=1: cache stats. */
 NBDKIT_DLL_PUBLIC int qcow2_debug_map = 0;
@@ -352,21 +353,9 @@ next_io_new (nbdkit_next *next, const char *name)
 static nbdkit_next *shared;     /* one context into the plugin */
 
 static void
-log_error (const char *msg)
-{
-  nbdkit_error ("%s", msg);
-}
-
-static void
-log_debug (const char *msg)
-{
-  nbdkit_debug ("%s", msg);
-}
-
-static void
 qcow2_load (void)
 {
-  q2_set_log_hooks (log_error, log_debug);
+  q2_glue_load ();
 }
 
 /* What messages call the image: the plugin's file, path, URL or
@@ -685,13 +674,7 @@ static int
 qcow2_zero (nbdkit_next *next, void *handle, uint32_t count, uint64_t offset,
             uint32_t flags, int *err)
 {
-  unsigned f = 0;
-
-  if (flags & NBDKIT_FLAG_MAY_TRIM)
-    f |= Q2_ZERO_MAY_TRIM;
-  if (flags & NBDKIT_FLAG_FAST_ZERO)
-    f |= Q2_ZERO_FAST;
-  if (q2_zero (image, count, offset, f) == -1) {
+  if (q2_zero (image, count, offset, q2_glue_zero_flags (flags)) == -1) {
     *err = errno;
     return -1;
   }
@@ -724,19 +707,9 @@ qcow2_extents (nbdkit_next *next, void *handle, uint32_t count,
                uint64_t offset, uint32_t flags,
                struct nbdkit_extents *extents, int *err)
 {
-  while (count > 0) {
-    uint64_t len;
-    unsigned st;
-
-    if (q2_block_status (image, offset, count, &len, &st) == -1 ||
-        nbdkit_add_extent (extents, offset, len, st) == -1) {
-      *err = errno;
-      return -1;
-    }
-    if (flags & NBDKIT_FLAG_REQ_ONE)
-      break;
-    offset += len;
-    count -= len;
+  if (q2_glue_extents (image, count, offset, flags, extents) == -1) {
+    *err = errno;
+    return -1;
   }
   return 0;
 }
