@@ -537,6 +537,18 @@ fl_io_contents (struct q2_io *io, struct fl_file *out)
     abort ();
 }
 
+/* ---- the layer's error messages ---- */
+
+long fl_errors_logged;
+
+void
+fl_log_error (const char *msg)
+{
+  fl_errors_logged++;
+  if (getenv ("VERBOSE"))
+    fprintf (stderr, "    layer: %s\n", msg);
+}
+
 /* ---- processes and files ---- */
 
 int

@@ -149,6 +149,13 @@ extern void fl_io_contents (struct q2_io *io, struct fl_file *out);
 /* Apply a logged pwrite to f. */
 extern void fl_file_apply (struct fl_file *f, const struct fl_event *e);
 
+/* ---- the layer's error messages ---- */
+/* An error hook for q2_set_log_hooks: counts the messages in
+ * fl_errors_logged, and prints them with VERBOSE set.
+ */
+extern long fl_errors_logged;
+extern void fl_log_error (const char *msg);
+
 /* ---- processes and files ---- */
 /* Run argv with stdout and stderr to logfile (or /dev/null); returns
  * the exit status, or -1 if it did not exit normally.

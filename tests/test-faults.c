@@ -115,15 +115,6 @@ set_cur_op (int op)
 /* ---- logging ---- */
 
 static bool verbose;
-static long n_errors_logged;
-
-static void
-log_error (const char *msg)
-{
-  n_errors_logged++;
-  if (verbose)
-    fprintf (stderr, "    layer: %s\n", msg);
-}
 
 /* ---- one kind ---- */
 
@@ -229,7 +220,7 @@ run_once (struct ctx *c, long fail_at, int err, bool sticky, long *calls)
   fl_model_reset (mp, c->initial);
   fl_io_reset (fail_at, err, sticky, false);
   set_cur_op (-1);
-  n_errors_logged = 0;
+  fl_errors_logged = 0;
   c->st.runs++;
 
   if (fl_write_file (c->work, c->tmpl, c->tmpl_len) == -1)
@@ -344,9 +335,9 @@ run_once (struct ctx *c, long fail_at, int err, bool sticky, long *calls)
     if (fl_io.fired_op == (int) c->w.n)
       c->st.fired_in_close++;
   }
-  else if (n_errors_logged)
+  else if (fl_errors_logged)
     FAIL (c, fail_at, "the layer reported %ld errors with no fault",
-          n_errors_logged);
+          fl_errors_logged);
 
   /* (c) qemu-img check.  A lazy-refcounts image left dirty (its
    * header could not be rewritten at close) legitimately has refcounts
@@ -638,7 +629,7 @@ main (int argc, char *argv[])
   alarm (getenv ("FAULTS_TIMEOUT") ? atoi (getenv ("FAULTS_TIMEOUT")) : 900);
   printf ("seed=%" PRIu64 " (rerun with SEED=%" PRIu64 ")\n", seed, seed);
   fflush (stdout);
-  q2_set_log_hooks (log_error, NULL);
+  q2_set_log_hooks (fl_log_error, NULL);
 
   if (fl_mkdtemp (tmpdir, sizeof tmpdir, "test-faults") == -1)
     return 1;

@@ -81,18 +81,6 @@ static const struct kind kinds[] = {
     .snapshot = true, .layer_snapshot = true },
 };
 
-/* ---- logging ---- */
-
-static long n_errors_logged;
-
-static void
-log_error (const char *msg)
-{
-  n_errors_logged++;
-  if (getenv ("VERBOSE"))
-    fprintf (stderr, "    layer: %s\n", msg);
-}
-
 /* ---- one kind ---- */
 
 static char tmpdir[256];
@@ -167,7 +155,7 @@ test_kind (const struct kind *k)
 
   /* The recorded run: every request must succeed. */
   fl_io_reset (0, 0, false, true);
-  n_errors_logged = 0;
+  fl_errors_logged = 0;
   if (q2_open_io (fl_io_mem (tmpl, tmpl_len), &opts, &img) == -1) {
     fprintf (stderr, "FAIL [%s]: q2_open_io: %m\n", k->name);
     return -1;
@@ -201,7 +189,7 @@ test_kind (const struct kind *k)
     }
   }
   q2_close (img);
-  if (n_errors_logged) {
+  if (fl_errors_logged) {
     fprintf (stderr, "FAIL [%s]: the layer reported errors\n", k->name);
     return -1;
   }
@@ -450,7 +438,7 @@ main (int argc, char *argv[])
                                       : 900);
   printf ("seed=%" PRIu64 " (rerun with SEED=%" PRIu64 ")\n", seed, seed);
   fflush (stdout);
-  q2_set_log_hooks (log_error, NULL);
+  q2_set_log_hooks (fl_log_error, NULL);
 
   if (fl_mkdtemp (tmpdir, sizeof tmpdir, "test-powerloss") == -1)
     return 1;

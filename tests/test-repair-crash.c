@@ -79,12 +79,6 @@ static long failures;
   do { fprintf (stderr, "FAIL: " __VA_ARGS__); fputc ('\n', stderr); \
        failures++; } while (0)
 
-static void
-quiet (const char *msg)
-{
-  if (getenv ("VERBOSE"))
-    fprintf (stderr, "    layer: %s\n", msg);
-}
 
 /* ---- damage, written from the spec (16-bit refcounts) ---- */
 
@@ -485,7 +479,7 @@ main (int argc, char *argv[])
   printf ("seed=%" PRIu64 " (rerun with SEED=%" PRIu64 ")\n", seed, seed);
   if (fl_mkdtemp (tmpdir, sizeof tmpdir, "repair-crash") == -1)
     return 1;
-  q2_set_log_hooks (quiet, NULL);
+  q2_set_log_hooks (fl_log_error, NULL);
   for (i = 0; i < sizeof kinds / sizeof kinds[0]; i++)
     if (fl_wanted (argc, argv, kinds[i].name, true))
       test_kind (&kinds[i]);

@@ -76,15 +76,6 @@ static char tmpdir[256];
 static uint64_t seed;
 static long variants = 5, max_n = 40, qemu_read_every = 10;
 static bool verbose;
-static long n_errors_logged;
-
-static void
-log_error (const char *msg)
-{
-  n_errors_logged++;
-  if (verbose)
-    fprintf (stderr, "    layer: %s\n", msg);
-}
 
 /* ---- one kind ---- */
 
@@ -383,10 +374,10 @@ test_kind (const struct kind *k)
     bool ok;
 
     /* The clean run: it must succeed and leave a clean image. */
-    n_errors_logged = 0;
+    fl_errors_logged = 0;
     if (one_run (&c, op, 0, false, &ok) == -1)
       goto out;
-    if (!ok || n_errors_logged) {
+    if (!ok || fl_errors_logged) {
       fprintf (stderr, "FAIL [%s %s]: the operation failed without a "
                "fault\n", k->name, op_name[op]);
       goto out;
@@ -451,7 +442,7 @@ test_kind (const struct kind *k)
     for (n = 1; n <= calls; n += step) {
       bool sticky = (n / step) % 2;
 
-      n_errors_logged = 0;
+      fl_errors_logged = 0;
       if (one_run (&c, op, n, sticky, &ok) == -1)
         goto out;
       fl_file_set (&fin, c.tmpl, c.tmpl_len);
@@ -462,7 +453,7 @@ test_kind (const struct kind *k)
                 "(seed=%" PRIu64 ")", k->name, op_name[op],
                 sticky ? " for good" : "", n, calls,
                 ok ? ", operation succeeded" : "", seed);
-      if (ok && n_errors_logged == 0 && fl_io.fired == 0) {
+      if (ok && fl_errors_logged == 0 && fl_io.fired == 0) {
         fprintf (stderr, "FAIL [%s]: no fault fired\n", what);
         goto out;
       }
@@ -518,7 +509,7 @@ main (int argc, char *argv[])
   alarm (900);
   printf ("seed=%" PRIu64 " (rerun with SEED=%" PRIu64 ")\n", seed, seed);
   fflush (stdout);
-  q2_set_log_hooks (log_error, NULL);
+  q2_set_log_hooks (fl_log_error, NULL);
 
   if (fl_mkdtemp (tmpdir, sizeof tmpdir, "test-snapshot-crash") == -1)
     return 1;
