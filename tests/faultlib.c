@@ -15,6 +15,7 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 extern char **environ;
@@ -746,6 +747,26 @@ fl_keep_or_remove (const char *dir)
     printf ("kept %s\n", dir);
   else
     fl_rm_rf (dir);
+}
+
+uint64_t
+fl_seed (void)
+{
+  const char *s = getenv ("SEED");
+  uint64_t seed;
+
+  seed = s && *s ? strtoull (s, NULL, 0) : (uint64_t) time (NULL) % 100000;
+  printf ("seed=%" PRIu64 " (rerun with SEED=%" PRIu64 ")\n", seed, seed);
+  fflush (stdout);
+  return seed;
+}
+
+long
+fl_env_long (const char *name, long dflt)
+{
+  const char *v = getenv (name);
+
+  return v ? atol (v) : dflt;
 }
 
 bool

@@ -201,7 +201,13 @@ extern int fl_mkdtemp (char *dir, size_t size, const char *prefix);
 /* With KEEP set, say that dir is kept; else remove it. */
 extern void fl_keep_or_remove (const char *dir);
 
-/* ---- the command line ---- */
+/* ---- the command line and environment ---- */
+/* The seed: $SEED if set and not empty, else from the clock; printed
+ * with how to rerun.
+ */
+extern uint64_t fl_seed (void);
+/* $name as a number (atol), or dflt if it is not set. */
+extern long fl_env_long (const char *name, long dflt);
 /* Whether to run the part called name: named in argv[1..], or (with no
  * arguments) if by_default.
  */

@@ -608,27 +608,21 @@ test_flush_error_sticky (void)
 int
 main (int argc, char *argv[])
 {
-  const char *s = getenv ("SEED");
   int failed = 0;
   size_t j;
 
   verbose = getenv ("VERBOSE") != NULL;
-  seed = s && *s ? strtoull (s, NULL, 0) : (uint64_t) time (NULL) % 100000;
-  if (getenv ("FAULTS_MAX_N"))
-    max_n = atol (getenv ("FAULTS_MAX_N"));
+  max_n = fl_env_long ("FAULTS_MAX_N", max_n);
   fault_reads = getenv ("FAULTS_READS") != NULL;
-  if (getenv ("FAULTS_OPS"))
-    nops = atol (getenv ("FAULTS_OPS"));
-  if (getenv ("FAULTS_QEMU_READ_EVERY"))
-    qemu_read_every = atol (getenv ("FAULTS_QEMU_READ_EVERY"));
+  nops = fl_env_long ("FAULTS_OPS", nops);
+  qemu_read_every = fl_env_long ("FAULTS_QEMU_READ_EVERY", qemu_read_every);
   if (max_n < 31)
     max_n = 31;
   if (nops < 2)
     nops = 2;
   /* A hang is a failure too. */
-  alarm (getenv ("FAULTS_TIMEOUT") ? atoi (getenv ("FAULTS_TIMEOUT")) : 900);
-  printf ("seed=%" PRIu64 " (rerun with SEED=%" PRIu64 ")\n", seed, seed);
-  fflush (stdout);
+  alarm (fl_env_long ("FAULTS_TIMEOUT", 900));
+  seed = fl_seed ();
   q2_set_log_hooks (fl_log_error, NULL);
 
   if (fl_mkdtemp (tmpdir, sizeof tmpdir, "test-faults") == -1)

@@ -414,19 +414,13 @@ test_kind (const struct kind *k)
 int
 main (int argc, char *argv[])
 {
-  const char *s = getenv ("SEED");
   int failed = 0;
   size_t j;
 
-  seed = s && *s ? strtoull (s, NULL, 0) : (uint64_t) time (NULL) % 100000;
-  if (getenv ("POWERLOSS_CUTS"))
-    max_cuts = atol (getenv ("POWERLOSS_CUTS"));
-  if (getenv ("POWERLOSS_VARIANTS"))
-    variants = atol (getenv ("POWERLOSS_VARIANTS"));
-  if (getenv ("POWERLOSS_OPS"))
-    nops = atol (getenv ("POWERLOSS_OPS"));
-  if (getenv ("POWERLOSS_QEMU_READ_EVERY"))
-    qemu_read_every = atol (getenv ("POWERLOSS_QEMU_READ_EVERY"));
+  max_cuts = fl_env_long ("POWERLOSS_CUTS", max_cuts);
+  variants = fl_env_long ("POWERLOSS_VARIANTS", variants);
+  nops = fl_env_long ("POWERLOSS_OPS", nops);
+  qemu_read_every = fl_env_long ("POWERLOSS_QEMU_READ_EVERY", qemu_read_every);
   if (max_cuts < 2)
     max_cuts = 2;
   if (variants < 3)
@@ -434,10 +428,8 @@ main (int argc, char *argv[])
   if (nops < 2)
     nops = 2;
   /* A hang is a failure too. */
-  alarm (getenv ("POWERLOSS_TIMEOUT") ? atoi (getenv ("POWERLOSS_TIMEOUT"))
-                                      : 900);
-  printf ("seed=%" PRIu64 " (rerun with SEED=%" PRIu64 ")\n", seed, seed);
-  fflush (stdout);
+  alarm (fl_env_long ("POWERLOSS_TIMEOUT", 900));
+  seed = fl_seed ();
   q2_set_log_hooks (fl_log_error, NULL);
 
   if (fl_mkdtemp (tmpdir, sizeof tmpdir, "test-powerloss") == -1)

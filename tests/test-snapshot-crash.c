@@ -490,25 +490,19 @@ test_kind (const struct kind *k)
 int
 main (int argc, char *argv[])
 {
-  const char *s = getenv ("SEED");
   int failed = 0;
   size_t j;
 
-  seed = s && *s ? strtoull (s, NULL, 0) : (uint64_t) time (NULL) % 100000;
-  if (getenv ("SNAPCRASH_VARIANTS"))
-    variants = atol (getenv ("SNAPCRASH_VARIANTS"));
-  if (getenv ("SNAPCRASH_MAX_N"))
-    max_n = atol (getenv ("SNAPCRASH_MAX_N"));
-  if (getenv ("SNAPCRASH_QEMU_READ_EVERY"))
-    qemu_read_every = atol (getenv ("SNAPCRASH_QEMU_READ_EVERY"));
+  variants = fl_env_long ("SNAPCRASH_VARIANTS", variants);
+  max_n = fl_env_long ("SNAPCRASH_MAX_N", max_n);
+  qemu_read_every = fl_env_long ("SNAPCRASH_QEMU_READ_EVERY", qemu_read_every);
   if (variants < 3)
     variants = 3;
   if (max_n < 1)
     max_n = 1;
   verbose = getenv ("VERBOSE") != NULL;
   alarm (900);
-  printf ("seed=%" PRIu64 " (rerun with SEED=%" PRIu64 ")\n", seed, seed);
-  fflush (stdout);
+  seed = fl_seed ();
   q2_set_log_hooks (fl_log_error, NULL);
 
   if (fl_mkdtemp (tmpdir, sizeof tmpdir, "test-snapshot-crash") == -1)
