@@ -437,22 +437,11 @@ struct tmpfile {
   int fd;
 };
 
+/* Errors name the final file, not the temporary one. */
 static int
 write_all (struct tmpfile *f, const void *buf, size_t n, uint64_t off)
 {
-  const char *p = buf;
-
-  while (n > 0) {
-    ssize_t r = pwrite (f->fd, p, n, off);
-    if (r == -1) {
-      if (errno == EINTR)
-        continue;
-      return Q2_FAIL (errno, "%s: write at offset %" PRIu64 ": %m",
-                      f->final, off);
-    }
-    p += r; n -= r; off += r;
-  }
-  return 0;
+  return q2_pwrite_all (f->fd, f->final, buf, n, off);
 }
 
 static int

@@ -28,6 +28,7 @@
 
 #include "qcow2-internal.h"
 #include "qcow2-params.h"
+#include "qcow2-glue.h"
 
 /* -D qcow2.map=1: log every mapping.  -D qcow2.cache=1: cache stats. */
 NBDKIT_DLL_PUBLIC int qcow2_debug_map = 0;
@@ -110,6 +111,42 @@ piece_pwrite (struct next_io *n, const void *buf, uint32_t count,
   return 0;
 }
 
+/* The next piece of a request at off with len bytes left (inside the
+ * export): whole blocks, at most n->max bytes, when off is aligned and
+ * a block is left; else the part of the block at off.
+ */
+struct piece {
+  bool whole;
+  uint32_t len;                 /* bytes of the request it covers */
+  /* A partial block: where it starts, its length in the export
+   * (shorter at the end of an export whose size is not a multiple of
+   * the block size), and where off falls in it.
+   */
+  uint64_t block;
+  uint32_t blen, head;
+};
+
+static void
+next_piece (const struct next_io *n, uint64_t off, uint64_t len,
+            struct piece *p)
+{
+  p->block = off & ~(uint64_t) (n->align - 1);
+  p->head = off - p->block;
+  p->whole = p->head == 0 && len >= n->align;
+  if (p->whole) {
+    p->len = len < n->max ? len : n->max;
+    p->len &= ~(n->align - 1);
+    p->blen = 0;
+  }
+  else {
+    uint64_t want = n->align - p->head;
+
+    p->blen = n->size - p->block < n->align ? n->size - p->block
+                                             : n->align;
+    p->len = want < len ? want : len;
+  }
+}
+
 /* Read [off, off+len) of the export, which need not be aligned, into
  * buf.  The caller keeps the range inside the export.
  */
@@ -117,36 +154,28 @@ static int
 export_read (struct next_io *n, char *buf, uint64_t len, uint64_t off)
 {
   while (len > 0) {
-    uint64_t a = off & ~(uint64_t) (n->align - 1);
-    uint64_t head = off - a;
-    uint32_t chunk;
+    struct piece p;
 
-    if (head == 0 && len >= n->align) {
+    next_piece (n, off, len, &p);
+    if (p.whole) {
       /* Aligned: read straight into buf. */
-      chunk = len < n->max ? len : n->max;
-      chunk &= ~(n->align - 1);
-      if (piece_pread (n, buf, chunk, off) == -1)
+      if (piece_pread (n, buf, p.len, off) == -1)
         return -1;
     }
     else {
-      /* A partial block: through a bounce buffer (shorter at the end
-       * of an export whose size is not a multiple of the block size).
-       */
+      /* A partial block: through a bounce buffer. */
       char *b = malloc (n->align);
-      uint64_t want = n->align - head;
-      uint32_t blen = n->size - a < n->align ? n->size - a : n->align;
 
       if (b == NULL)
         return Q2_FAIL (ENOMEM, "%s: malloc: %m", n->io.name);
-      if (piece_pread (n, b, blen, a) == -1) {
+      if (piece_pread (n, b, p.blen, p.block) == -1) {
         free (b);
         return -1;
       }
-      chunk = want < len ? want : len;
-      memcpy (buf, b + head, chunk);
+      memcpy (buf, b + p.head, p.len);
       free (b);
     }
-    buf += chunk; off += chunk; len -= chunk;
+    buf += p.len; off += p.len; len -= p.len;
   }
   return 0;
 }
@@ -178,14 +207,11 @@ next_pwrite (struct q2_io *io, const void *buf, size_t len, uint64_t off)
                     "plugin below cannot grow; give the image room first",
                     io->name, off, len, n->size);
   while (len > 0) {
-    uint64_t a = off & ~(uint64_t) (n->align - 1);
-    uint64_t head = off - a;
-    uint32_t chunk;
+    struct piece pc;
 
-    if (head == 0 && len >= n->align) {
-      chunk = len < n->max ? len : n->max;
-      chunk &= ~(n->align - 1);
-      if (piece_pwrite (n, p, chunk, off) == -1)
+    next_piece (n, off, len, &pc);
+    if (pc.whole) {
+      if (piece_pwrite (n, p, pc.len, off) == -1)
         return -1;
     }
     else {
@@ -193,25 +219,22 @@ next_pwrite (struct q2_io *io, const void *buf, size_t len, uint64_t off)
        * metadata updates); one lock keeps two of them from racing.
        */
       char *b = malloc (n->align);
-      uint64_t want = n->align - head;
-      uint32_t blen = n->size - a < n->align ? n->size - a : n->align;
       int r;
 
       if (b == NULL)
         return Q2_FAIL (ENOMEM, "%s: malloc: %m", io->name);
-      chunk = want < len ? want : len;
       pthread_mutex_lock (&n->rmw_lock);
-      r = piece_pread (n, b, blen, a);
+      r = piece_pread (n, b, pc.blen, pc.block);
       if (r == 0) {
-        memcpy (b + head, p, chunk);
-        r = piece_pwrite (n, b, blen, a);
+        memcpy (b + pc.head, p, pc.len);
+        r = piece_pwrite (n, b, pc.blen, pc.block);
       }
       pthread_mutex_unlock (&n->rmw_lock);
       free (b);
       if (r == -1)
         return -1;
     }
-    p += chunk; off += chunk; len -= chunk;
+    p += pc.len; off += pc.len; len -= pc.len;
   }
   return 0;
 }
@@ -352,21 +375,9 @@ next_io_new (nbdkit_next *next, const char *name)
 static nbdkit_next *shared;     /* one context into the plugin */
 
 static void
-log_error (const char *msg)
-{
-  nbdkit_error ("%s", msg);
-}
-
-static void
-log_debug (const char *msg)
-{
-  nbdkit_debug ("%s", msg);
-}
-
-static void
 qcow2_load (void)
 {
-  q2_set_log_hooks (log_error, log_debug);
+  q2_glue_load ();
 }
 
 /* What messages call the image: the plugin's file, path, URL or
@@ -686,13 +697,7 @@ static int
 qcow2_zero (nbdkit_next *next, void *handle, uint32_t count, uint64_t offset,
             uint32_t flags, int *err)
 {
-  unsigned f = 0;
-
-  if (flags & NBDKIT_FLAG_MAY_TRIM)
-    f |= Q2_ZERO_MAY_TRIM;
-  if (flags & NBDKIT_FLAG_FAST_ZERO)
-    f |= Q2_ZERO_FAST;
-  if (q2_zero (image, count, offset, f) == -1) {
+  if (q2_zero (image, count, offset, q2_glue_zero_flags (flags)) == -1) {
     *err = errno;
     return -1;
   }
@@ -725,19 +730,9 @@ qcow2_extents (nbdkit_next *next, void *handle, uint32_t count,
                uint64_t offset, uint32_t flags,
                struct nbdkit_extents *extents, int *err)
 {
-  while (count > 0) {
-    uint64_t len;
-    unsigned st;
-
-    if (q2_block_status (image, offset, count, &len, &st) == -1 ||
-        nbdkit_add_extent (extents, offset, len, st) == -1) {
-      *err = errno;
-      return -1;
-    }
-    if (flags & NBDKIT_FLAG_REQ_ONE)
-      break;
-    offset += len;
-    count -= len;
+  if (q2_glue_extents (image, count, offset, flags, extents) == -1) {
+    *err = errno;
+    return -1;
   }
   return 0;
 }

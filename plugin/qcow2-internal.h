@@ -66,6 +66,11 @@ extern struct q2_io *q2_io_mem_new (const char *name, const void *data,
 extern void q2_io_close (struct q2_io *io);
 extern int q2_io_pread (struct q2_io *io, void *buf, size_t n, uint64_t off);
 extern int64_t q2_io_size (struct q2_io *io);
+/* Write all n bytes to fd at off, retrying short writes and EINTR;
+ * errors name the file as name.
+ */
+extern int q2_pwrite_all (int fd, const char *name, const void *buf,
+                          size_t n, uint64_t off);
 
 /* ---- parsed header (qcow2-header.c) ---- */
 struct q2_header {

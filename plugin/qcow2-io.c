@@ -48,23 +48,31 @@ file_pread (struct q2_io *io, void *buf, size_t n, uint64_t off)
   return 0;
 }
 
-static int
-file_pwrite (struct q2_io *io, const void *buf, size_t n, uint64_t off)
+int
+q2_pwrite_all (int fd, const char *name, const void *buf, size_t n,
+               uint64_t off)
 {
-  struct file_io *f = (struct file_io *) io;
   const char *p = buf;
 
   while (n > 0) {
-    ssize_t r = pwrite (f->fd, p, n, off);
+    ssize_t r = pwrite (fd, p, n, off);
     if (r == -1) {
       if (errno == EINTR)
         continue;
       return Q2_FAIL (errno, "%s: write at offset %" PRIu64 ": %m",
-                      io->name, off);
+                      name, off);
     }
     p += r; n -= r; off += r;
   }
   return 0;
+}
+
+static int
+file_pwrite (struct q2_io *io, const void *buf, size_t n, uint64_t off)
+{
+  struct file_io *f = (struct file_io *) io;
+
+  return q2_pwrite_all (f->fd, io->name, buf, n, off);
 }
 
 static int

@@ -18,6 +18,7 @@
 
 #include "qcow2.h"
 #include "qcow2-params.h"
+#include "qcow2-glue.h"
 
 #define THREAD_MODEL NBDKIT_THREAD_MODEL_PARALLEL
 
@@ -31,21 +32,9 @@ static char *file_arg;          /* file= as given, resolved later */
 static struct q2_image *image;
 
 static void
-log_error (const char *msg)
-{
-  nbdkit_error ("%s", msg);
-}
-
-static void
-log_debug (const char *msg)
-{
-  nbdkit_debug ("%s", msg);
-}
-
-static void
 qcow2_load (void)
 {
-  q2_set_log_hooks (log_error, log_debug);
+  q2_glue_load ();
 }
 
 static void
@@ -242,13 +231,7 @@ qcow2_pwrite (void *handle, const void *buf, uint32_t count, uint64_t offset,
 static int
 qcow2_zero (void *handle, uint32_t count, uint64_t offset, uint32_t flags)
 {
-  unsigned f = 0;
-
-  if (flags & NBDKIT_FLAG_MAY_TRIM)
-    f |= Q2_ZERO_MAY_TRIM;
-  if (flags & NBDKIT_FLAG_FAST_ZERO)
-    f |= Q2_ZERO_FAST;
-  return q2_zero (image, count, offset, f);
+  return q2_zero (image, count, offset, q2_glue_zero_flags (flags));
 }
 
 static int
@@ -267,19 +250,7 @@ static int
 qcow2_extents (void *handle, uint32_t count, uint64_t offset, uint32_t flags,
                struct nbdkit_extents *extents)
 {
-  while (count > 0) {
-    uint64_t len;
-    unsigned st;
-
-    if (q2_block_status (image, offset, count, &len, &st) == -1 ||
-        nbdkit_add_extent (extents, offset, len, st) == -1)
-      return -1;
-    if (flags & NBDKIT_FLAG_REQ_ONE)
-      break;
-    offset += len;
-    count -= len;
-  }
-  return 0;
+  return q2_glue_extents (image, count, offset, flags, extents);
 }
 
 static struct nbdkit_plugin plugin = {

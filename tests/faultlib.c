@@ -15,18 +15,13 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 extern char **environ;
 
-#include "qcow2.h"
+#include "qcow2-internal.h"
 #include "faultlib.h"
-
-static uint32_t
-get_be32 (const uint8_t *p)
-{
-  return (uint32_t) p[0] << 24 | p[1] << 16 | p[2] << 8 | p[3];
-}
 
 /* ---- random numbers ---- */
 
@@ -59,6 +54,18 @@ fl_fill (uint8_t *buf, uint64_t len, uint64_t seed)
     uint64_t v = fl_rand (&s);
     memcpy (buf + i, &v, len - i);
   }
+}
+
+void
+fl_fill_data (uint8_t *buf, uint64_t len, uint64_t seed, bool compressible)
+{
+  uint64_t i;
+
+  fl_fill (buf, len, seed);
+  if (compressible)
+    for (i = 0; i < len; i++)
+      if ((i & 63) >= 16)
+        buf[i] = 0;
 }
 
 /* ---- workload ---- */
@@ -322,6 +329,227 @@ fl_model_known_byte (const struct fl_model *m, uint64_t seed)
   return UINT64_MAX;
 }
 
+/* ---- files in memory ---- */
+
+void
+fl_file_write (struct fl_file *f, const void *buf, size_t n, uint64_t off)
+{
+  size_t end = off + n;
+
+  if (end > f->cap) {
+    f->cap = end * 2;
+    f->d = realloc (f->d, f->cap);
+    if (f->d == NULL)
+      abort ();
+  }
+  if (end > f->len) {
+    if (off > f->len)
+      memset (f->d + f->len, 0, off - f->len);
+    f->len = end;
+  }
+  if (n)
+    memcpy (f->d + off, buf, n);
+}
+
+void
+fl_file_set (struct fl_file *f, const uint8_t *d, size_t len)
+{
+  f->len = 0;
+  fl_file_write (f, d, len, 0);
+}
+
+void
+fl_file_apply (struct fl_file *f, const struct fl_event *e)
+{
+  fl_file_write (f, e->data, e->len, e->off);
+}
+
+/* ---- the recording, fault-injecting q2_io ---- */
+
+struct fl_io_state fl_io;
+
+struct wrap_io {
+  struct q2_io io;
+  struct q2_io *inner;
+};
+
+void
+fl_io_reset (long fail_at, int err, bool sticky, bool recording)
+{
+  size_t i;
+
+  for (i = 0; i < fl_io.n; i++)
+    free (fl_io.ev[i].data);
+  fl_io.n = 0;
+  fl_io.recording = recording;
+  fl_io.calls = 0;
+  fl_io.fail_at = fail_at;
+  fl_io.err = err;
+  fl_io.sticky = sticky;
+  fl_io.fail_reads = false;
+  fl_io.fired = 0;
+  fl_io.cur_op = 0;
+  fl_io.fired_op = 0;
+}
+
+static bool
+inject (void)
+{
+  fl_io.calls++;
+  if (fl_io.fail_at == 0 ||
+      !(fl_io.calls == fl_io.fail_at ||
+        (fl_io.sticky && fl_io.calls > fl_io.fail_at)))
+    return false;
+  if (fl_io.fired++ == 0)
+    fl_io.fired_op = fl_io.cur_op;
+  return true;
+}
+
+static void
+record (bool flush, const void *buf, size_t n, uint64_t off)
+{
+  struct fl_event *e;
+
+  if (!fl_io.recording)
+    return;
+  if (fl_io.n == fl_io.cap) {
+    fl_io.cap = fl_io.cap ? 2 * fl_io.cap : 1024;
+    fl_io.ev = realloc (fl_io.ev, fl_io.cap * sizeof *fl_io.ev);
+    if (fl_io.ev == NULL)
+      abort ();
+  }
+  e = &fl_io.ev[fl_io.n++];
+  e->flush = flush;
+  e->off = off;
+  e->len = n;
+  e->data = NULL;
+  if (!flush) {
+    e->data = malloc (n ? n : 1);
+    if (e->data == NULL)
+      abort ();
+    memcpy (e->data, buf, n);
+  }
+}
+
+static int
+wio_pread (struct q2_io *io, void *buf, size_t n, uint64_t off)
+{
+  struct q2_io *in = ((struct wrap_io *) io)->inner;
+
+  if (fl_io.fail_reads && inject ()) {
+    errno = fl_io.err;
+    return -1;
+  }
+  return in->ops->pread (in, buf, n, off);
+}
+
+static int
+wio_pwrite (struct q2_io *io, const void *buf, size_t n, uint64_t off)
+{
+  struct q2_io *in = ((struct wrap_io *) io)->inner;
+
+  if (inject ()) {
+    /* A full disk may take part of the write first. */
+    size_t part = (n / 2) & ~(size_t) 511;
+
+    if (fl_io.err == ENOSPC && part)
+      in->ops->pwrite (in, buf, part, off);
+    errno = fl_io.err;
+    return -1;
+  }
+  if (in->ops->pwrite (in, buf, n, off) == -1)
+    return -1;
+  record (false, buf, n, off);
+  return 0;
+}
+
+static int
+wio_flush (struct q2_io *io)
+{
+  if (inject ()) {
+    errno = fl_io.err;
+    return -1;
+  }
+  /* No power is lost here, so the file need not reach stable storage:
+   * skipping fdatasync keeps the many runs fast.
+   */
+  record (true, NULL, 0, 0);
+  return 0;
+}
+
+static int64_t
+wio_size (struct q2_io *io)
+{
+  struct q2_io *in = ((struct wrap_io *) io)->inner;
+
+  return in->ops->size (in);
+}
+
+static void
+wio_close (struct q2_io *io)
+{
+  q2_io_close (((struct wrap_io *) io)->inner);
+}
+
+static const struct q2_io_ops wrap_ops = {
+  .pread = wio_pread,
+  .pwrite = wio_pwrite,
+  .flush = wio_flush,
+  .size = wio_size,
+  .close = wio_close,
+};
+
+struct q2_io *
+fl_io_wrap (struct q2_io *inner)
+{
+  struct wrap_io *w = calloc (1, sizeof *w);
+
+  if (w == NULL)
+    abort ();
+  w->inner = inner;
+  w->io.ops = &wrap_ops;
+  w->io.name = strdup (inner->name);
+  w->io.dev = inner->dev;
+  w->io.ino = inner->ino;
+  return &w->io;
+}
+
+struct q2_io *
+fl_io_mem (const uint8_t *data, size_t len)
+{
+  struct q2_io *inner = q2_io_mem_new ("image.qcow2", data, len, false);
+
+  if (inner == NULL)
+    abort ();
+  return fl_io_wrap (inner);
+}
+
+void
+fl_io_contents (struct q2_io *io, struct fl_file *out)
+{
+  struct q2_io *in = ((struct wrap_io *) io)->inner;
+  int64_t size = in->ops->size (in);
+
+  if (size < 0)
+    abort ();
+  out->len = 0;
+  fl_file_write (out, NULL, 0, size);
+  if (size && in->ops->pread (in, out->d, size, 0) == -1)
+    abort ();
+}
+
+/* ---- the layer's error messages ---- */
+
+long fl_errors_logged;
+
+void
+fl_log_error (const char *msg)
+{
+  fl_errors_logged++;
+  if (getenv ("VERBOSE"))
+    fprintf (stderr, "    layer: %s\n", msg);
+}
+
 /* ---- processes and files ---- */
 
 int
@@ -497,6 +725,60 @@ fl_rm_rf (const char *dir)
   }
   closedir (d);
   rmdir (dir);
+}
+
+int
+fl_mkdtemp (char *dir, size_t size, const char *prefix)
+{
+  const char *t = getenv ("TMPDIR");
+
+  snprintf (dir, size, "%s/%s-XXXXXX", t ? t : "/tmp", prefix);
+  if (mkdtemp (dir) == NULL) {
+    perror ("mkdtemp");
+    return -1;
+  }
+  return 0;
+}
+
+void
+fl_keep_or_remove (const char *dir)
+{
+  if (getenv ("KEEP"))
+    printf ("kept %s\n", dir);
+  else
+    fl_rm_rf (dir);
+}
+
+uint64_t
+fl_seed (void)
+{
+  const char *s = getenv ("SEED");
+  uint64_t seed;
+
+  seed = s && *s ? strtoull (s, NULL, 0) : (uint64_t) time (NULL) % 100000;
+  printf ("seed=%" PRIu64 " (rerun with SEED=%" PRIu64 ")\n", seed, seed);
+  fflush (stdout);
+  return seed;
+}
+
+long
+fl_env_long (const char *name, long dflt)
+{
+  const char *v = getenv (name);
+
+  return v ? atol (v) : dflt;
+}
+
+bool
+fl_wanted (int argc, char *argv[], const char *name, bool by_default)
+{
+  bool want = argc < 2 && by_default;
+  int i;
+
+  for (i = 1; i < argc; i++)
+    if (strcmp (argv[i], name) == 0)
+      want = true;
+  return want;
 }
 
 int

@@ -15,6 +15,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+struct q2_io;
+
 #define KiB (UINT64_C (1) << 10)
 #define MiB (UINT64_C (1) << 20)
 
@@ -23,6 +25,12 @@ extern uint64_t fl_rand (uint64_t *state);
 extern uint64_t fl_below (uint64_t *state, uint64_t n);  /* [0, n) */
 /* Fill buf with bytes derived from seed. */
 extern void fl_fill (uint8_t *buf, uint64_t len, uint64_t seed);
+/* The data of a write: fl_fill, or if compressible random bytes at the
+ * start of every 64 with zeros between (so that clusters compress about
+ * 4:1 and several pack into one host cluster).
+ */
+extern void fl_fill_data (uint8_t *buf, uint64_t len, uint64_t seed,
+                          bool compressible);
 
 /* ---- workload ---- */
 enum fl_kind { FL_WRITE, FL_ZERO, FL_ZERO_TRIM, FL_TRIM, FL_FLUSH, FL_READ };
@@ -87,6 +95,67 @@ extern uint64_t fl_model_check (const struct fl_model *m,
  */
 extern uint64_t fl_model_known_byte (const struct fl_model *m, uint64_t seed);
 
+/* ---- files in memory ---- */
+struct fl_file {
+  uint8_t *d;
+  size_t len, cap;
+};
+
+/* Write n bytes at off, growing the file (with zeros) as needed. */
+extern void fl_file_write (struct fl_file *f, const void *buf, size_t n,
+                           uint64_t off);
+/* Make the file hold exactly len bytes of d. */
+extern void fl_file_set (struct fl_file *f, const uint8_t *d, size_t len);
+
+/* ---- a q2_io that records, and can fail, pwrite and flush ----
+ * It wraps another q2_io.  Every pwrite and flush (and, while
+ * fail_reads is set, every pread) counts as a call; from call fail_at
+ * on (only that call unless sticky; fail_at 0: never) the call fails
+ * with errno err, having done nothing, except that an ENOSPC pwrite
+ * first writes a sector-aligned prefix of the data (as a full disk
+ * does).  Flushes reach the wrapped q2_io never: no power is lost
+ * while it runs, so nothing needs to reach stable storage.  While
+ * recording, every pwrite and flush that succeeds is logged in order.
+ */
+struct fl_event {
+  bool flush;
+  uint64_t off;
+  size_t len;
+  uint8_t *data;                /* NULL for a flush */
+};
+
+struct fl_io_state {
+  bool recording;
+  struct fl_event *ev;
+  size_t n, cap;
+  long calls, fail_at;
+  int err;
+  bool sticky;
+  bool fail_reads;
+  long fired;                   /* calls failed so far */
+  int cur_op;                   /* set by the test; */
+  int fired_op;                 /* its value when the first fault fired */
+};
+extern struct fl_io_state fl_io;
+
+/* Forget the log and the counts; set up the next run. */
+extern void fl_io_reset (long fail_at, int err, bool sticky, bool recording);
+/* Wrap inner (the wrapper closes it). */
+extern struct q2_io *fl_io_wrap (struct q2_io *inner);
+/* Wrap a writable in-memory copy of data, named "image.qcow2". */
+extern struct q2_io *fl_io_mem (const uint8_t *data, size_t len);
+/* The wrapped file's current content, into out. */
+extern void fl_io_contents (struct q2_io *io, struct fl_file *out);
+/* Apply a logged pwrite to f. */
+extern void fl_file_apply (struct fl_file *f, const struct fl_event *e);
+
+/* ---- the layer's error messages ---- */
+/* An error hook for q2_set_log_hooks: counts the messages in
+ * fl_errors_logged, and prints them with VERBOSE set.
+ */
+extern long fl_errors_logged;
+extern void fl_log_error (const char *msg);
+
 /* ---- processes and files ---- */
 /* Run argv with stdout and stderr to logfile (or /dev/null); returns
  * the exit status, or -1 if it did not exit normally.
@@ -127,5 +196,22 @@ extern int fl_write_file (const char *path, const void *data, size_t len);
 extern int fl_read_file (const char *path, uint8_t **data, size_t *len);
 extern void fl_print_file (const char *path, int max_lines);
 extern void fl_rm_rf (const char *dir);
+/* Make dir ("$TMPDIR/prefix-XXXXXX", /tmp without TMPDIR); 0 or -1. */
+extern int fl_mkdtemp (char *dir, size_t size, const char *prefix);
+/* With KEEP set, say that dir is kept; else remove it. */
+extern void fl_keep_or_remove (const char *dir);
+
+/* ---- the command line and environment ---- */
+/* The seed: $SEED if set and not empty, else from the clock; printed
+ * with how to rerun.
+ */
+extern uint64_t fl_seed (void);
+/* $name as a number (atol), or dflt if it is not set. */
+extern long fl_env_long (const char *name, long dflt);
+/* Whether to run the part called name: named in argv[1..], or (with no
+ * arguments) if by_default.
+ */
+extern bool fl_wanted (int argc, char *argv[], const char *name,
+                       bool by_default);
 
 #endif /* FAULTLIB_H */

@@ -99,134 +99,22 @@ static const struct kind kinds[] = {
     .snapshot = true, .layer_snapshot = true },
 };
 
-/* ---- the fault-injecting q2_io ---- */
-
 static size_t nops = 60;
 static bool fault_reads;        /* count and fail preads too */
 
-static struct {
-  long calls, fail_at;          /* fail_at 0: never */
-  int err;
-  bool sticky;
-  long fired;
-  int fired_op;                 /* op index of the first fault */
-  int cur_op;                   /* -1 open, nops: close */
-} fs;
-
-struct fault_io {
-  struct q2_io io;
-  struct q2_io *inner;
-};
-
-static bool
-inject (void)
-{
-  fs.calls++;
-  if (fs.fail_at == 0 ||
-      !(fs.calls == fs.fail_at || (fs.sticky && fs.calls > fs.fail_at)))
-    return false;
-  if (fs.fired++ == 0)
-    fs.fired_op = fs.cur_op;
-  return true;
-}
-
-static int
-fio_pread (struct q2_io *io, void *buf, size_t n, uint64_t off)
-{
-  struct q2_io *in = ((struct fault_io *) io)->inner;
-
-  /* Optionally reads fail too, but only inside the workload. */
-  if (fault_reads && fs.cur_op >= 0 && (size_t) fs.cur_op < nops &&
-      inject ()) {
-    errno = fs.err;
-    return -1;
-  }
-  return in->ops->pread (in, buf, n, off);
-}
-
-static int
-fio_pwrite (struct q2_io *io, const void *buf, size_t n, uint64_t off)
-{
-  struct q2_io *in = ((struct fault_io *) io)->inner;
-
-  if (inject ()) {
-    /* A full disk may take part of the write first. */
-    size_t part = (n / 2) & ~(size_t) 511;
-
-    if (fs.err == ENOSPC && part)
-      in->ops->pwrite (in, buf, part, off);
-    errno = fs.err;
-    return -1;
-  }
-  return in->ops->pwrite (in, buf, n, off);
-}
-
-static int
-fio_flush (struct q2_io *io)
-{
-  if (inject ()) {
-    errno = fs.err;
-    return -1;
-  }
-  /* No power is lost here, so the file need not reach stable storage:
-   * skipping fdatasync keeps the many runs fast.
-   */
-  return 0;
-}
-
-static int64_t
-fio_size (struct q2_io *io)
-{
-  struct q2_io *in = ((struct fault_io *) io)->inner;
-
-  return in->ops->size (in);
-}
-
+/* fl_io.cur_op: -1 open, nops: close.  Reads fail, when they do, only
+ * inside the workload.
+ */
 static void
-fio_close (struct q2_io *io)
+set_cur_op (int op)
 {
-  q2_io_close (((struct fault_io *) io)->inner);
-}
-
-static const struct q2_io_ops fault_ops = {
-  .pread = fio_pread,
-  .pwrite = fio_pwrite,
-  .flush = fio_flush,
-  .size = fio_size,
-  .close = fio_close,
-};
-
-static struct q2_io *
-fault_io_new (const char *path)
-{
-  struct fault_io *f = calloc (1, sizeof *f);
-
-  if (f == NULL)
-    abort ();
-  f->inner = q2_io_file_open (path, false);
-  if (f->inner == NULL) {
-    free (f);
-    return NULL;
-  }
-  f->io.ops = &fault_ops;
-  f->io.name = strdup (path);
-  f->io.dev = f->inner->dev;
-  f->io.ino = f->inner->ino;
-  return &f->io;
+  fl_io.cur_op = op;
+  fl_io.fail_reads = fault_reads && op >= 0 && (size_t) op < nops;
 }
 
 /* ---- logging ---- */
 
 static bool verbose;
-static long n_errors_logged;
-
-static void
-log_error (const char *msg)
-{
-  n_errors_logged++;
-  if (verbose)
-    fprintf (stderr, "    layer: %s\n", msg);
-}
 
 /* ---- one kind ---- */
 
@@ -258,8 +146,8 @@ struct ctx {
 #define FAIL(c, n, ...) \
   do { \
     fprintf (stderr, "FAIL [%s N=%ld %s%s seed=%" PRIu64 "]: ", \
-             (c)->k->name, (long) (n), fs.err == EIO ? "EIO" : "ENOSPC", \
-             fs.sticky ? " sticky" : "", seed); \
+             (c)->k->name, (long) (n), fl_io.err == EIO ? "EIO" : "ENOSPC", \
+             fl_io.sticky ? " sticky" : "", seed); \
     fprintf (stderr, __VA_ARGS__); \
     fprintf (stderr, "\n"); \
     goto fail; \
@@ -311,22 +199,6 @@ layer_read_file (const char *path, uint8_t *buf, uint64_t size)
   return r;
 }
 
-/* The data of a write: random, or for compress=true kinds random
- * bytes at the start of every 64 with zeros between (so that clusters
- * compress about 4:1 and several pack into one host cluster).
- */
-static void
-fill (const struct kind *k, uint8_t *d, uint64_t len, uint64_t op_seed)
-{
-  uint64_t i;
-
-  fl_fill (d, len, op_seed);
-  if (k->compress_writes)
-    for (i = 0; i < len; i++)
-      if ((i & 63) >= 16)
-        d[i] = 0;
-}
-
 /* Run the workload with a fault at call fail_at (0: none).  Returns 0
  * if every check passed; *calls gets the number of calls made.
  */
@@ -346,17 +218,16 @@ run_once (struct ctx *c, long fail_at, int err, bool sticky, long *calls)
   int rc;
 
   fl_model_reset (mp, c->initial);
-  memset (&fs, 0, sizeof fs);
-  fs.fail_at = fail_at;
-  fs.err = err;
-  fs.sticky = sticky;
-  fs.cur_op = -1;
-  n_errors_logged = 0;
+  fl_io_reset (fail_at, err, sticky, false);
+  set_cur_op (-1);
+  fl_errors_logged = 0;
   c->st.runs++;
 
   if (fl_write_file (c->work, c->tmpl, c->tmpl_len) == -1)
     FAIL (c, fail_at, "cannot copy the starting image");
-  io = fault_io_new (c->work);
+  io = q2_io_file_open (c->work, false);
+  if (io != NULL)
+    io = fl_io_wrap (io);
   if (io == NULL)
     FAIL (c, fail_at, "cannot open %s", c->work);
   if (q2_open_io (io, &opts, &img) == -1) {
@@ -368,11 +239,11 @@ run_once (struct ctx *c, long fail_at, int err, bool sticky, long *calls)
     const struct fl_op *op = &c->w.ops[i];
     int r = 0, e;
 
-    fs.cur_op = i;
+    set_cur_op (i);
     errno = 0;
     switch (op->kind) {
     case FL_WRITE:
-      fill (k, data, op->len, op->seed);
+      fl_fill_data (data, op->len, op->seed, k->compress_writes);
       r = q2_write (img, data, op->len, op->off);
       break;
     case FL_ZERO:
@@ -392,7 +263,7 @@ run_once (struct ctx *c, long fail_at, int err, bool sticky, long *calls)
       break;
     }
     e = errno;
-    if (fs.fired && fs.fired_op == (int) i && !reported) {
+    if (fl_io.fired && fl_io.fired_op == (int) i && !reported) {
       reported = true;
       if (r != -1)
         FAIL (c, fail_at, "op %zu (%s %" PRIu64 "+%" PRIu64 ") succeeded "
@@ -404,7 +275,7 @@ run_once (struct ctx *c, long fail_at, int err, bool sticky, long *calls)
               strerror (err));
     }
     else if (r == -1) {
-      if (!fs.fired)
+      if (!fl_io.fired)
         FAIL (c, fail_at, "op %zu (%s %" PRIu64 "+%" PRIu64 ") failed with "
               "no fault injected: %s", i, fl_kind_name (op->kind), op->off,
               op->len, strerror (e));
@@ -416,15 +287,15 @@ run_once (struct ctx *c, long fail_at, int err, bool sticky, long *calls)
               "unexpected errno %d (%s)", i, fl_kind_name (op->kind), e,
               strerror (e));
       c->st.later_fail++;
-      if (!fs.sticky) {
+      if (!fl_io.sticky) {
         c->st.once_later_fail++;
         if (verbose)
           fprintf (stderr, "N=%ld: op %zu (%s) failed after a one-shot "
                    "fault in op %d: %s\n", fail_at, i,
-                   fl_kind_name (op->kind), fs.fired_op, strerror (e));
+                   fl_kind_name (op->kind), fl_io.fired_op, strerror (e));
       }
     }
-    else if (fs.fired)
+    else if (fl_io.fired)
       c->st.later_ok++;
 
     if (op->kind == FL_READ && r == 0) {
@@ -447,26 +318,26 @@ run_once (struct ctx *c, long fail_at, int err, bool sticky, long *calls)
     c->st.final_flush_failed++;
 
   /* What the open image shows must already match the model. */
-  fs.cur_op = c->w.n;
+  set_cur_op (c->w.n);
   if (q2_read (img, buf, k->size, 0) == 0) {
     if (fl_model_check (mp, buf, 0, k->size, false, NULL, "before close"))
       FAIL (c, fail_at, "the open image reads back wrong");
   }
-  else if (!fs.fired)
+  else if (!fl_io.fired)
     FAIL (c, fail_at, "reading the whole disk failed: %m");
   q2_close (img);
   img = NULL;
-  *calls = fs.calls;
+  *calls = fl_io.calls;
 
   if (fail_at) {
-    if (!fs.fired)
-      FAIL (c, fail_at, "the fault never fired (%ld calls)", fs.calls);
-    if (fs.fired_op == (int) c->w.n)
+    if (!fl_io.fired)
+      FAIL (c, fail_at, "the fault never fired (%ld calls)", fl_io.calls);
+    if (fl_io.fired_op == (int) c->w.n)
       c->st.fired_in_close++;
   }
-  else if (n_errors_logged)
+  else if (fl_errors_logged)
     FAIL (c, fail_at, "the layer reported %ld errors with no fault",
-          n_errors_logged);
+          fl_errors_logged);
 
   /* (c) qemu-img check.  A lazy-refcounts image left dirty (its
    * header could not be rewritten at close) legitimately has refcounts
@@ -481,7 +352,7 @@ run_once (struct ctx *c, long fail_at, int err, bool sticky, long *calls)
                       c->work, NULL };
 
     c->st.dirty++;
-    if (!fs.fired)
+    if (!fl_io.fired)
       FAIL (c, fail_at, "the dirty bit is still set after a clean close");
     if (!k->lazy)
       FAIL (c, fail_at, "the dirty bit is set on an image without lazy "
@@ -737,56 +608,33 @@ test_flush_error_sticky (void)
 int
 main (int argc, char *argv[])
 {
-  const char *s = getenv ("SEED"), *t = getenv ("TMPDIR");
-  int i, failed = 0;
+  int failed = 0;
   size_t j;
 
   verbose = getenv ("VERBOSE") != NULL;
-  seed = s && *s ? strtoull (s, NULL, 0) : (uint64_t) time (NULL) % 100000;
-  if (getenv ("FAULTS_MAX_N"))
-    max_n = atol (getenv ("FAULTS_MAX_N"));
+  max_n = fl_env_long ("FAULTS_MAX_N", max_n);
   fault_reads = getenv ("FAULTS_READS") != NULL;
-  if (getenv ("FAULTS_OPS"))
-    nops = atol (getenv ("FAULTS_OPS"));
-  if (getenv ("FAULTS_QEMU_READ_EVERY"))
-    qemu_read_every = atol (getenv ("FAULTS_QEMU_READ_EVERY"));
+  nops = fl_env_long ("FAULTS_OPS", nops);
+  qemu_read_every = fl_env_long ("FAULTS_QEMU_READ_EVERY", qemu_read_every);
   if (max_n < 31)
     max_n = 31;
   if (nops < 2)
     nops = 2;
   /* A hang is a failure too. */
-  alarm (getenv ("FAULTS_TIMEOUT") ? atoi (getenv ("FAULTS_TIMEOUT")) : 900);
-  printf ("seed=%" PRIu64 " (rerun with SEED=%" PRIu64 ")\n", seed, seed);
-  fflush (stdout);
-  q2_set_log_hooks (log_error, NULL);
+  alarm (fl_env_long ("FAULTS_TIMEOUT", 900));
+  seed = fl_seed ();
+  q2_set_log_hooks (fl_log_error, NULL);
 
-  snprintf (tmpdir, sizeof tmpdir, "%s/test-faults-XXXXXX", t ? t : "/tmp");
-  if (mkdtemp (tmpdir) == NULL) {
-    perror ("mkdtemp");
+  if (fl_mkdtemp (tmpdir, sizeof tmpdir, "test-faults") == -1)
     return 1;
-  }
-  {
-    bool want = argc < 2;
-
-    for (i = 1; i < argc; i++)
-      if (strcmp (argv[i], "flush-error") == 0)
-        want = true;
-    if (want && test_flush_error_sticky () == -1)
+  if (fl_wanted (argc, argv, "flush-error", true) &&
+      test_flush_error_sticky () == -1)
+    failed++;
+  for (j = 0; j < sizeof kinds / sizeof kinds[0]; j++)
+    if (fl_wanted (argc, argv, kinds[j].name, !kinds[j].compress_writes) &&
+        test_kind (&kinds[j]) == -1)
       failed++;
-  }
-  for (j = 0; j < sizeof kinds / sizeof kinds[0]; j++) {
-    bool want = argc < 2 && !kinds[j].compress_writes;
-
-    for (i = 1; i < argc; i++)
-      if (strcmp (argv[i], kinds[j].name) == 0)
-        want = true;
-    if (want && test_kind (&kinds[j]) == -1)
-      failed++;
-  }
-  if (getenv ("KEEP"))
-    printf ("kept %s\n", tmpdir);
-  else
-    fl_rm_rf (tmpdir);
+  fl_keep_or_remove (tmpdir);
   if (failed)
     printf ("%d image kinds FAILED (seed=%" PRIu64 ")\n", failed, seed);
   return failed ? 1 : 0;

@@ -81,173 +81,6 @@ static const struct kind kinds[] = {
     .snapshot = true, .layer_snapshot = true },
 };
 
-/* ---- the recording q2_io ---- */
-
-struct event {
-  bool flush;
-  uint64_t off;
-  size_t len;
-  uint8_t *data;
-};
-
-static struct {
-  struct event *ev;
-  size_t n, cap;
-} rec;
-
-struct rec_io {
-  struct q2_io io;
-  struct q2_io *inner;          /* in memory */
-};
-
-static void
-record (bool flush, const void *buf, size_t n, uint64_t off)
-{
-  struct event *e;
-
-  if (rec.n == rec.cap) {
-    rec.cap = rec.cap ? 2 * rec.cap : 1024;
-    rec.ev = realloc (rec.ev, rec.cap * sizeof *rec.ev);
-    if (rec.ev == NULL)
-      abort ();
-  }
-  e = &rec.ev[rec.n++];
-  e->flush = flush;
-  e->off = off;
-  e->len = n;
-  e->data = NULL;
-  if (!flush) {
-    e->data = malloc (n ? n : 1);
-    if (e->data == NULL)
-      abort ();
-    memcpy (e->data, buf, n);
-  }
-}
-
-static int
-rio_pread (struct q2_io *io, void *buf, size_t n, uint64_t off)
-{
-  struct q2_io *in = ((struct rec_io *) io)->inner;
-
-  return in->ops->pread (in, buf, n, off);
-}
-
-static int
-rio_pwrite (struct q2_io *io, const void *buf, size_t n, uint64_t off)
-{
-  struct q2_io *in = ((struct rec_io *) io)->inner;
-
-  if (in->ops->pwrite (in, buf, n, off) == -1)
-    return -1;
-  record (false, buf, n, off);
-  return 0;
-}
-
-static int
-rio_flush (struct q2_io *io)
-{
-  record (true, NULL, 0, 0);
-  return 0;
-}
-
-static int64_t
-rio_size (struct q2_io *io)
-{
-  struct q2_io *in = ((struct rec_io *) io)->inner;
-
-  return in->ops->size (in);
-}
-
-static void
-rio_close (struct q2_io *io)
-{
-  q2_io_close (((struct rec_io *) io)->inner);
-}
-
-static const struct q2_io_ops rec_ops = {
-  .pread = rio_pread,
-  .pwrite = rio_pwrite,
-  .flush = rio_flush,
-  .size = rio_size,
-  .close = rio_close,
-};
-
-static struct q2_io *
-rec_io_new (const uint8_t *data, size_t len)
-{
-  struct rec_io *r = calloc (1, sizeof *r);
-
-  if (r == NULL)
-    abort ();
-  r->inner = q2_io_mem_new ("image.qcow2", data, len, false);
-  if (r->inner == NULL)
-    abort ();
-  r->io.ops = &rec_ops;
-  r->io.name = strdup ("image.qcow2");
-  return &r->io;
-}
-
-static void
-rec_reset (void)
-{
-  size_t i;
-
-  for (i = 0; i < rec.n; i++)
-    free (rec.ev[i].data);
-  rec.n = 0;
-}
-
-/* ---- a growable file image ---- */
-
-struct file {
-  uint8_t *d;
-  size_t len, cap;
-};
-
-static void
-file_apply (struct file *f, const struct event *e)
-{
-  size_t end = e->off + e->len;
-
-  if (end > f->cap) {
-    f->cap = end * 2;
-    f->d = realloc (f->d, f->cap);
-    if (f->d == NULL)
-      abort ();
-  }
-  if (end > f->len) {
-    if (e->off > f->len)
-      memset (f->d + f->len, 0, e->off - f->len);
-    f->len = end;
-  }
-  memcpy (f->d + e->off, e->data, e->len);
-}
-
-static void
-file_copy (struct file *dst, const struct file *src)
-{
-  if (dst->cap < src->len) {
-    dst->cap = src->cap;
-    dst->d = realloc (dst->d, dst->cap);
-    if (dst->d == NULL)
-      abort ();
-  }
-  memcpy (dst->d, src->d, src->len);
-  dst->len = src->len;
-}
-
-/* ---- logging ---- */
-
-static long n_errors_logged;
-
-static void
-log_error (const char *msg)
-{
-  n_errors_logged++;
-  if (getenv ("VERBOSE"))
-    fprintf (stderr, "    layer: %s\n", msg);
-}
-
 /* ---- one kind ---- */
 
 static char tmpdir[256];
@@ -255,25 +88,9 @@ static uint64_t seed;
 static size_t nops = 100;
 static long max_cuts = 60, variants = 6, qemu_read_every = 10;
 
-/* The data of a write: random, or for compress=true kinds random
- * bytes at the start of every 64 with zeros between (so that clusters
- * compress about 4:1 and several pack into one host cluster).
- */
-static void
-fill (const struct kind *k, uint8_t *d, uint64_t len, uint64_t op_seed)
-{
-  uint64_t i;
-
-  fl_fill (d, len, op_seed);
-  if (k->compress_writes)
-    for (i = 0; i < len; i++)
-      if ((i & 63) >= 16)
-        d[i] = 0;
-}
-
 /* Read the whole guest disk of a file image through the layer. */
 static int
-layer_read (const struct file *f, uint8_t *buf, uint64_t size)
+layer_read (const struct fl_file *f, uint8_t *buf, uint64_t size)
 {
   struct q2_open_opts o = { .readonly = true };
   struct q2_io *io = q2_io_mem_new ("rebuilt.qcow2", f->d, f->len, true);
@@ -303,7 +120,7 @@ test_kind (const struct kind *k)
   uint8_t *data = malloc (MiB), *tmpl;
   size_t tmpl_len, i, *ack, nflush = 0, *fl, nfl = 0, *flush_op;
   char path[300], log[300], raw[300];
-  struct file base = { 0 }, var = { 0 };
+  struct fl_file base = { 0 }, var = { 0 };
   time_t t0 = time (NULL);
   long ncuts = 0, nvariants = 0, ndropped = 0, nchecks = 0, nleaks = 0;
   long nqemu = 0;
@@ -337,9 +154,9 @@ test_kind (const struct kind *k)
     abort ();
 
   /* The recorded run: every request must succeed. */
-  rec_reset ();
-  n_errors_logged = 0;
-  if (q2_open_io (rec_io_new (tmpl, tmpl_len), &opts, &img) == -1) {
+  fl_io_reset (0, 0, false, true);
+  fl_errors_logged = 0;
+  if (q2_open_io (fl_io_mem (tmpl, tmpl_len), &opts, &img) == -1) {
     fprintf (stderr, "FAIL [%s]: q2_open_io: %m\n", k->name);
     return -1;
   }
@@ -349,7 +166,7 @@ test_kind (const struct kind *k)
 
     switch (op->kind) {
     case FL_WRITE:
-      fill (k, data, op->len, op->seed);
+      fl_fill_data (data, op->len, op->seed, k->compress_writes);
       r = q2_write (img, data, op->len, op->off);
       break;
     case FL_ZERO: r = q2_zero (img, op->len, op->off, 0); break;
@@ -368,20 +185,20 @@ test_kind (const struct kind *k)
     }
     if (op->kind == FL_FLUSH) {
       flush_op[nflush] = i;
-      ack[nflush++] = rec.n;      /* acknowledged after these events */
+      ack[nflush++] = fl_io.n;    /* acknowledged after these events */
     }
   }
   q2_close (img);
-  if (n_errors_logged) {
+  if (fl_errors_logged) {
     fprintf (stderr, "FAIL [%s]: the layer reported errors\n", k->name);
     return -1;
   }
 
-  fl = malloc ((rec.n + 1) * sizeof *fl);
+  fl = malloc ((fl_io.n + 1) * sizeof *fl);
   if (fl == NULL)
     abort ();
-  for (i = 0; i < rec.n; i++)
-    if (rec.ev[i].flush)
+  for (i = 0; i < fl_io.n; i++)
+    if (fl_io.ev[i].flush)
       fl[nfl++] = i;
   if (nfl < 3) {
     fprintf (stderr, "FAIL [%s]: only %zu flushes recorded\n", k->name, nfl);
@@ -413,10 +230,10 @@ test_kind (const struct kind *k)
     /* Advance the base: every write before flush cut is durable. */
     lo = cut < 0 ? 0 : (long) fl[cut];
     for (; ev_base < (size_t) lo; ev_base++)
-      if (!rec.ev[ev_base].flush)
-        file_apply (&base, &rec.ev[ev_base]);
+      if (!fl_io.ev[ev_base].flush)
+        fl_file_apply (&base, &fl_io.ev[ev_base]);
     cand_lo = cut < 0 ? 0 : fl[cut] + 1;
-    hi = cut + 1 < (long) nfl ? (long) fl[cut + 1] : (long) rec.n;
+    hi = cut + 1 < (long) nfl ? (long) fl[cut + 1] : (long) fl_io.n;
     cand_hi = hi;
 
     /* The model: every op up to the last guest flush whose events all
@@ -436,7 +253,7 @@ test_kind (const struct kind *k)
         const struct fl_op *op = &w.ops[model_op];
 
         if (op->kind == FL_WRITE)
-          fill (k, data, op->len, op->seed);
+          fl_fill_data (data, op->len, op->seed, k->compress_writes);
         fl_model_apply (&m, op, data, true);
       }
       fl_model_flushed (&m);
@@ -453,13 +270,13 @@ test_kind (const struct kind *k)
       bool dropped = false;
       int rc;
 
-      file_copy (&var, &base);
+      fl_file_set (&var, base.d, base.len);
       for (i = cand_lo; i < cand_hi; i++) {
         bool keep = v == 1 ? true : v == 0 ? false : v == 2 ? i < prefix
                   : fl_below (&rs, 2);
 
         if (keep)
-          file_apply (&var, &rec.ev[i]);
+          fl_file_apply (&var, &fl_io.ev[i]);
         else
           dropped = true;
       }
@@ -556,7 +373,7 @@ test_kind (const struct kind *k)
      */
     fprintf (stderr, "self-test: the starting image must not pass for the "
              "final state:\n");
-    file_copy (&var, &(struct file) { tmpl, tmpl_len, tmpl_len });
+    fl_file_set (&var, tmpl, tmpl_len);
     if (layer_read (&var, buf, k->size) == -1 ||
         fl_model_check (&m, buf, 0, k->size, true, NULL,
                         "self-test (every write lost)") == 0) {
@@ -572,14 +389,14 @@ test_kind (const struct kind *k)
   }
   printf ("%-8s %5zu writes, %3zu flushes logged; %3ld cut points, %4ld "
           "rebuilt files (%ld dropping writes), %ld qemu-img checks (%ld "
-          "with leaks), %ld qemu reads, %lds\n", k->name, rec.n - nfl, nfl,
+          "with leaks), %ld qemu reads, %lds\n", k->name, fl_io.n - nfl, nfl,
           ncuts, nvariants, ndropped, nchecks, nleaks, nqemu,
           (long) (time (NULL) - t0));
   fflush (stdout);
   ret = 0;
 
  out:
-  rec_reset ();
+  fl_io_reset (0, 0, false, false);
   fl_model_free (&m);
   fl_workload_free (&w);
   free (base.d);
@@ -597,19 +414,13 @@ test_kind (const struct kind *k)
 int
 main (int argc, char *argv[])
 {
-  const char *s = getenv ("SEED"), *t = getenv ("TMPDIR");
-  int i, failed = 0;
+  int failed = 0;
   size_t j;
 
-  seed = s && *s ? strtoull (s, NULL, 0) : (uint64_t) time (NULL) % 100000;
-  if (getenv ("POWERLOSS_CUTS"))
-    max_cuts = atol (getenv ("POWERLOSS_CUTS"));
-  if (getenv ("POWERLOSS_VARIANTS"))
-    variants = atol (getenv ("POWERLOSS_VARIANTS"));
-  if (getenv ("POWERLOSS_OPS"))
-    nops = atol (getenv ("POWERLOSS_OPS"));
-  if (getenv ("POWERLOSS_QEMU_READ_EVERY"))
-    qemu_read_every = atol (getenv ("POWERLOSS_QEMU_READ_EVERY"));
+  max_cuts = fl_env_long ("POWERLOSS_CUTS", max_cuts);
+  variants = fl_env_long ("POWERLOSS_VARIANTS", variants);
+  nops = fl_env_long ("POWERLOSS_OPS", nops);
+  qemu_read_every = fl_env_long ("POWERLOSS_QEMU_READ_EVERY", qemu_read_every);
   if (max_cuts < 2)
     max_cuts = 2;
   if (variants < 3)
@@ -617,31 +428,17 @@ main (int argc, char *argv[])
   if (nops < 2)
     nops = 2;
   /* A hang is a failure too. */
-  alarm (getenv ("POWERLOSS_TIMEOUT") ? atoi (getenv ("POWERLOSS_TIMEOUT"))
-                                      : 900);
-  printf ("seed=%" PRIu64 " (rerun with SEED=%" PRIu64 ")\n", seed, seed);
-  fflush (stdout);
-  q2_set_log_hooks (log_error, NULL);
+  alarm (fl_env_long ("POWERLOSS_TIMEOUT", 900));
+  seed = fl_seed ();
+  q2_set_log_hooks (fl_log_error, NULL);
 
-  snprintf (tmpdir, sizeof tmpdir, "%s/test-powerloss-XXXXXX",
-            t ? t : "/tmp");
-  if (mkdtemp (tmpdir) == NULL) {
-    perror ("mkdtemp");
+  if (fl_mkdtemp (tmpdir, sizeof tmpdir, "test-powerloss") == -1)
     return 1;
-  }
-  for (j = 0; j < sizeof kinds / sizeof kinds[0]; j++) {
-    bool want = argc < 2 && !kinds[j].compress_writes;
-
-    for (i = 1; i < argc; i++)
-      if (strcmp (argv[i], kinds[j].name) == 0)
-        want = true;
-    if (want && test_kind (&kinds[j]) == -1)
+  for (j = 0; j < sizeof kinds / sizeof kinds[0]; j++)
+    if (fl_wanted (argc, argv, kinds[j].name, !kinds[j].compress_writes) &&
+        test_kind (&kinds[j]) == -1)
       failed++;
-  }
-  if (getenv ("KEEP"))
-    printf ("kept %s\n", tmpdir);
-  else
-    fl_rm_rf (tmpdir);
+  fl_keep_or_remove (tmpdir);
   if (failed)
     printf ("%d image kinds FAILED (seed=%" PRIu64 ")\n", failed, seed);
   return failed ? 1 : 0;

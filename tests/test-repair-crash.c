@@ -79,161 +79,6 @@ static long failures;
   do { fprintf (stderr, "FAIL: " __VA_ARGS__); fputc ('\n', stderr); \
        failures++; } while (0)
 
-static void
-quiet (const char *msg)
-{
-  if (getenv ("VERBOSE"))
-    fprintf (stderr, "    layer: %s\n", msg);
-}
-
-/* ---- a growable file image ---- */
-
-struct file {
-  uint8_t *d;
-  size_t len, cap;
-};
-
-static void
-file_write (struct file *f, const void *buf, size_t n, uint64_t off)
-{
-  size_t end = off + n;
-
-  if (end > f->cap) {
-    f->cap = end * 2;
-    f->d = realloc (f->d, f->cap);
-    if (f->d == NULL)
-      abort ();
-  }
-  if (end > f->len) {
-    if (off > f->len)
-      memset (f->d + f->len, 0, off - f->len);
-    f->len = end;
-  }
-  memcpy (f->d + off, buf, n);
-}
-
-static void
-file_set (struct file *f, const uint8_t *d, size_t len)
-{
-  f->len = 0;
-  file_write (f, d, len, 0);
-}
-
-/* ---- a q2_io over a struct file that records and may fail ---- */
-
-struct event {
-  bool flush;
-  uint64_t off;
-  size_t len;
-  uint8_t *data;
-};
-
-static struct {
-  struct event *ev;
-  size_t n, cap;
-  bool recording;
-  long calls, fail_at;          /* fail the fail_at-th pwrite/flush */
-} rec;
-
-struct rio {
-  struct q2_io io;
-  struct file f;
-};
-
-static void
-record (bool flush, const void *buf, size_t n, uint64_t off)
-{
-  struct event *e;
-
-  if (!rec.recording)
-    return;
-  if (rec.n == rec.cap) {
-    rec.cap = rec.cap ? rec.cap * 2 : 256;
-    rec.ev = realloc (rec.ev, rec.cap * sizeof *rec.ev);
-    if (rec.ev == NULL)
-      abort ();
-  }
-  e = &rec.ev[rec.n++];
-  e->flush = flush;
-  e->off = off;
-  e->len = n;
-  e->data = NULL;
-  if (!flush) {
-    e->data = malloc (n ? n : 1);
-    if (e->data == NULL)
-      abort ();
-    memcpy (e->data, buf, n);
-  }
-}
-
-static bool
-inject (void)
-{
-  return rec.fail_at && ++rec.calls == rec.fail_at;
-}
-
-static int
-rio_pread (struct q2_io *io, void *buf, size_t n, uint64_t off)
-{
-  struct file *f = &((struct rio *) io)->f;
-  size_t have = off < f->len ? f->len - off : 0;
-
-  if (have > n)
-    have = n;
-  if (have)
-    memcpy (buf, f->d + off, have);
-  memset ((uint8_t *) buf + have, 0, n - have);
-  return 0;
-}
-
-static int
-rio_pwrite (struct q2_io *io, const void *buf, size_t n, uint64_t off)
-{
-  if (inject ())
-    return errno = EIO, -1;
-  record (false, buf, n, off);
-  file_write (&((struct rio *) io)->f, buf, n, off);
-  return 0;
-}
-
-static int
-rio_flush (struct q2_io *io)
-{
-  if (inject ())
-    return errno = EIO, -1;
-  record (true, NULL, 0, 0);
-  return 0;
-}
-
-static int64_t
-rio_size (struct q2_io *io)
-{
-  return ((struct rio *) io)->f.len;
-}
-
-static void
-rio_close (struct q2_io *io)
-{
-  free (((struct rio *) io)->f.d);     /* q2_io_close frees the rest */
-}
-
-static const struct q2_io_ops rio_ops = {
-  .pread = rio_pread, .pwrite = rio_pwrite, .flush = rio_flush,
-  .size = rio_size, .close = rio_close,
-};
-
-static struct rio *
-rio_new (const uint8_t *d, size_t len)
-{
-  struct rio *r = calloc (1, sizeof *r);
-
-  if (r == NULL)
-    abort ();
-  r->io.ops = &rio_ops;
-  r->io.name = strdup ("image.qcow2");
-  file_set (&r->f, d, len);
-  return r;
-}
 
 /* ---- damage, written from the spec (16-bit refcounts) ---- */
 
@@ -344,12 +189,12 @@ qemu_check (const uint8_t *d, size_t len, const char *tag)
 
 /* Open a file state (repair as given), write the request, close. */
 static int
-run_layer (struct rio *r, enum q2_repair repair, bool *write_ok)
+run_layer (struct q2_io *r, enum q2_repair repair, bool *write_ok)
 {
   struct q2_open_opts o = { .repair = repair };
   struct q2_image *img;
 
-  if (q2_open_io (&r->io, &o, &img) == -1)
+  if (q2_open_io (r, &o, &img) == -1)
     return -1;
   *write_ok = q2_write (img, wdata, wlen, woff) == 0 && q2_flush (img) == 0;
   q2_close (img);               /* closes r */
@@ -399,7 +244,7 @@ check_content (const uint8_t *d, size_t len, const uint8_t *initial,
 
 /* The second repair needs the file after close: keep it apart. */
 static int
-repair_again (const uint8_t *d, size_t len, struct file *out, bool *ok)
+repair_again (const uint8_t *d, size_t len, struct fl_file *out, bool *ok)
 {
   /* A dirty image (v3: the repair marks the image dirty while it runs)
    * must be repaired by default; others need repair=all.
@@ -408,21 +253,19 @@ repair_again (const uint8_t *d, size_t len, struct file *out, bool *ok)
                (get_be64 (d + QH_INCOMPAT) & QCOW2_INCOMPAT_DIRTY);
   struct q2_open_opts o = { .repair = dirty ? Q2_REPAIR_AUTO
                                             : Q2_REPAIR_ALL };
-  struct rio *r = rio_new (d, len);
+  struct q2_io *r = fl_io_mem (d, len);
   struct q2_image *img;
 
-  rec.recording = false;
-  rec.fail_at = 0;
-  if (q2_open_io (&r->io, &o, &img) == -1) {
-    q2_io_close (&r->io);
+  fl_io.recording = false;
+  fl_io.fail_at = 0;
+  if (q2_open_io (r, &o, &img) == -1) {
+    q2_io_close (r);
     return -1;
   }
   *ok = q2_write (img, wdata, wlen, woff) == 0 && q2_flush (img) == 0;
-  /* Steal the file before close frees it: close writes the header last,
-   * so keep the rio alive by closing through a copy.
-   */
+  /* Copy the file out of the q2_io before close frees it. */
   q2_finish_writes (img);
-  file_set (out, r->f.d, r->f.len);
+  fl_io_contents (r, out);
   q2_close (img);
   return 0;
 }
@@ -432,7 +275,7 @@ static void
 judge (const uint8_t *d, size_t len, const uint8_t *initial, uint64_t size,
         const char *tag, long *second_repairs)
 {
-  struct file out = { 0 };
+  struct fl_file out = { 0 };
   bool ok;
   int q = qemu_check (d, len, tag);
 
@@ -460,7 +303,7 @@ static uint64_t *seen;
 static size_t nseen, capseen;
 
 static bool
-seen_before (const struct file *f)
+seen_before (const struct fl_file *f)
 {
   uint64_t h = 0xcbf29ce484222325ULL ^ f->len;
   size_t i;
@@ -486,8 +329,8 @@ test_kind (const struct kind *k)
   char path[512], tag[128];
   uint8_t *initial = malloc (k->size), *start;
   size_t start_len, i, e;
-  struct rio *r;
-  struct file final = { 0 }, st = { 0 };
+  struct q2_io *r;
+  struct fl_file final = { 0 }, st = { 0 };
   bool ok;
   long states = 0, second = 0, faults = 0, before = failures, nflush = 0;
   uint64_t s = seed ^ 0x7e57;
@@ -513,24 +356,22 @@ test_kind (const struct kind *k)
 
   nseen = 0;
   /* The recorded run, which must repair and write. */
-  rec.n = 0;
-  rec.recording = true;
-  rec.fail_at = 0;
-  r = rio_new (start, start_len);
+  fl_io_reset (0, EIO, false, true);
+  r = fl_io_mem (start, start_len);
   {
     struct q2_open_opts o = { .repair = k->repair };
     struct q2_image *img;
 
-    if (q2_open_io (&r->io, &o, &img) == -1) {
+    if (q2_open_io (r, &o, &img) == -1) {
       FAIL ("%s: open failed", k->name);
       return;
     }
     ok = q2_write (img, wdata, wlen, woff) == 0 && q2_flush (img) == 0;
     q2_finish_writes (img);
-    file_set (&final, r->f.d, r->f.len);
+    fl_io_contents (r, &final);
     q2_close (img);
   }
-  rec.recording = false;
+  fl_io.recording = false;
   if (!ok)
     FAIL ("%s: the write after the repair failed", k->name);
   if (qemu_check (final.d, final.len, "final") != 0)
@@ -541,26 +382,26 @@ test_kind (const struct kind *k)
    * a flush); of those from b to the next flush, none, all, a random
    * prefix or a random subset reached the disk.
    */
-  for (e = 0; e <= rec.n; e++) {
+  for (e = 0; e <= fl_io.n; e++) {
     size_t b = e, j, v;
 
-    if (e > 0 && !rec.ev[e - 1].flush)
+    if (e > 0 && !fl_io.ev[e - 1].flush)
       continue;
     nflush++;
-    for (j = b; j < rec.n && !rec.ev[j].flush; j++)
+    for (j = b; j < fl_io.n && !fl_io.ev[j].flush; j++)
       ;
     for (v = 0; v < 4; v++) {
       size_t cut = v == 0 ? b : v == 1 ? j : b + fl_below (&s, j - b + 1);
 
-      file_set (&st, start, start_len);
+      fl_file_set (&st, start, start_len);
       for (i = 0; i < j; i++) {
-        const struct event *ev = &rec.ev[i];
+        const struct fl_event *ev = &fl_io.ev[i];
 
         if (ev->flush)
           continue;
         if (i >= b && (v == 3 ? fl_below (&s, 2) == 0 : i >= cut))
           continue;
-        file_write (&st, ev->data, ev->len, ev->off);
+        fl_file_apply (&st, ev);
       }
       if (seen_before (&st))
         continue;
@@ -574,22 +415,22 @@ test_kind (const struct kind *k)
   {
     long total;
 
-    rec.fail_at = 1000000000;
-    rec.calls = 0;
-    r = rio_new (start, start_len);
+    fl_io.fail_at = 1000000000;
+    fl_io.calls = 0;
+    r = fl_io_mem (start, start_len);
     run_layer (r, k->repair, &ok);
-    total = rec.calls;
-    for (rec.fail_at = 1; rec.fail_at <= total; rec.fail_at++) {
+    total = fl_io.calls;
+    for (fl_io.fail_at = 1; fl_io.fail_at <= total; fl_io.fail_at++) {
       struct q2_open_opts o = { .repair = k->repair };
       struct q2_image *img;
-      struct file out = { 0 };
+      struct fl_file out = { 0 };
       int q;
 
-      rec.calls = 0;
-      r = rio_new (start, start_len);
-      snprintf (tag, sizeof tag, "%s-fault%ld", k->name, rec.fail_at);
-      if (q2_open_io (&r->io, &o, &img) == -1) {
-        q2_io_close (&r->io);
+      fl_io.calls = 0;
+      r = fl_io_mem (start, start_len);
+      snprintf (tag, sizeof tag, "%s-fault%ld", k->name, fl_io.fail_at);
+      if (q2_open_io (r, &o, &img) == -1) {
+        q2_io_close (r);
         FAIL ("%s: open failed", tag);
         continue;
       }
@@ -597,11 +438,11 @@ test_kind (const struct kind *k)
       if (ok)
         q2_flush (img);
       q2_finish_writes (img);
-      file_set (&st, r->f.d, r->f.len);
+      fl_io_contents (r, &st);
       q2_close (img);
       faults++;
       {
-        long saved = rec.fail_at;
+        long saved = fl_io.fail_at;
 
         q = 0;
         if (repair_again (st.d, st.len, &out, &ok) == -1 || !ok)
@@ -610,18 +451,17 @@ test_kind (const struct kind *k)
           FAIL ("%s: qemu-img check exit %d after the second repair", tag, q);
         else
           check_content (out.d, out.len, initial, k->size, true, tag);
-        rec.fail_at = saved;
+        fl_io.fail_at = saved;
       }
       free (out.d);
     }
-    rec.fail_at = 0;
+    fl_io.fail_at = 0;
   }
   printf ("%s: %zu events, %ld flush points, %ld distinct power-loss "
           "states (%ld needed a second repair), %ld injected faults: %s\n", k->name,
-          rec.n, nflush, states, second, faults,
+          fl_io.n, nflush, states, second, faults,
           failures == before ? "ok" : "FAILED");
-  for (i = 0; i < rec.n; i++)
-    free (rec.ev[i].data);
+  fl_io_reset (0, EIO, false, false);
   free (final.d);
   free (st.d);
   free (start);
@@ -633,31 +473,17 @@ int
 main (int argc, char *argv[])
 {
   size_t i;
-  int a;
 
   seed = getenv ("SEED") ? strtoull (getenv ("SEED"), NULL, 0)
                          : (uint64_t) getpid ();
   printf ("seed=%" PRIu64 " (rerun with SEED=%" PRIu64 ")\n", seed, seed);
-  snprintf (tmpdir, sizeof tmpdir, "%s/repair-crash-XXXXXX",
-            getenv ("TMPDIR") ? getenv ("TMPDIR") : "/tmp");
-  if (mkdtemp (tmpdir) == NULL) {
-    perror ("mkdtemp");
+  if (fl_mkdtemp (tmpdir, sizeof tmpdir, "repair-crash") == -1)
     return 1;
-  }
-  q2_set_log_hooks (quiet, NULL);
-  for (i = 0; i < sizeof kinds / sizeof kinds[0]; i++) {
-    bool want = argc == 1;
-
-    for (a = 1; a < argc; a++)
-      if (strcmp (argv[a], kinds[i].name) == 0)
-        want = true;
-    if (want)
+  q2_set_log_hooks (fl_log_error, NULL);
+  for (i = 0; i < sizeof kinds / sizeof kinds[0]; i++)
+    if (fl_wanted (argc, argv, kinds[i].name, true))
       test_kind (&kinds[i]);
-  }
   free (seen);
-  if (getenv ("KEEP"))
-    printf ("kept %s\n", tmpdir);
-  else
-    fl_rm_rf (tmpdir);
+  fl_keep_or_remove (tmpdir);
   return failures ? 1 : 0;
 }

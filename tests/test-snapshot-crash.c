@@ -76,193 +76,6 @@ static char tmpdir[256];
 static uint64_t seed;
 static long variants = 5, max_n = 40, qemu_read_every = 10;
 static bool verbose;
-static long n_errors_logged;
-
-static void
-log_error (const char *msg)
-{
-  n_errors_logged++;
-  if (verbose)
-    fprintf (stderr, "    layer: %s\n", msg);
-}
-
-/* ---- a q2_io over memory that records, and can fail, writes ---- */
-
-struct event {
-  bool flush;
-  uint64_t off;
-  size_t len;
-  uint8_t *data;
-};
-
-static struct {
-  struct event *ev;
-  size_t n, cap;
-  long calls, fail_at;          /* fail_at 0: never */
-  bool sticky;
-  long fired;
-} rec;
-
-struct rec_io {
-  struct q2_io io;
-  struct q2_io *inner;
-};
-
-static bool
-inject (void)
-{
-  rec.calls++;
-  if (rec.fail_at == 0 ||
-      !(rec.calls == rec.fail_at || (rec.sticky && rec.calls > rec.fail_at)))
-    return false;
-  rec.fired++;
-  errno = EIO;
-  return true;
-}
-
-static void
-record (bool flush, const void *buf, size_t n, uint64_t off)
-{
-  struct event *e;
-
-  if (rec.n == rec.cap) {
-    rec.cap = rec.cap ? 2 * rec.cap : 1024;
-    rec.ev = realloc (rec.ev, rec.cap * sizeof *rec.ev);
-    if (rec.ev == NULL)
-      abort ();
-  }
-  e = &rec.ev[rec.n++];
-  e->flush = flush;
-  e->off = off;
-  e->len = n;
-  e->data = NULL;
-  if (!flush) {
-    e->data = malloc (n ? n : 1);
-    if (e->data == NULL)
-      abort ();
-    memcpy (e->data, buf, n);
-  }
-}
-
-static int
-rio_pread (struct q2_io *io, void *buf, size_t n, uint64_t off)
-{
-  struct q2_io *in = ((struct rec_io *) io)->inner;
-
-  return in->ops->pread (in, buf, n, off);
-}
-
-static int
-rio_pwrite (struct q2_io *io, const void *buf, size_t n, uint64_t off)
-{
-  struct q2_io *in = ((struct rec_io *) io)->inner;
-
-  if (inject ())
-    return -1;
-  if (in->ops->pwrite (in, buf, n, off) == -1)
-    return -1;
-  record (false, buf, n, off);
-  return 0;
-}
-
-static int
-rio_flush (struct q2_io *io)
-{
-  if (inject ())
-    return -1;
-  record (true, NULL, 0, 0);
-  return 0;
-}
-
-static int64_t
-rio_size (struct q2_io *io)
-{
-  struct q2_io *in = ((struct rec_io *) io)->inner;
-
-  return in->ops->size (in);
-}
-
-static void
-rio_close (struct q2_io *io)
-{
-  q2_io_close (((struct rec_io *) io)->inner);
-}
-
-static const struct q2_io_ops rec_ops = {
-  .pread = rio_pread,
-  .pwrite = rio_pwrite,
-  .flush = rio_flush,
-  .size = rio_size,
-  .close = rio_close,
-};
-
-static struct q2_io *
-rec_io_new (const uint8_t *data, size_t len)
-{
-  struct rec_io *r = calloc (1, sizeof *r);
-
-  if (r == NULL)
-    abort ();
-  r->inner = q2_io_mem_new ("image.qcow2", data, len, false);
-  if (r->inner == NULL)
-    abort ();
-  r->io.ops = &rec_ops;
-  r->io.name = strdup ("image.qcow2");
-  return &r->io;
-}
-
-static void
-rec_reset (long fail_at, bool sticky)
-{
-  size_t i;
-
-  for (i = 0; i < rec.n; i++)
-    free (rec.ev[i].data);
-  rec.n = 0;
-  rec.calls = 0;
-  rec.fail_at = fail_at;
-  rec.sticky = sticky;
-  rec.fired = 0;
-}
-
-/* ---- files in memory ---- */
-
-struct file {
-  uint8_t *d;
-  size_t len, cap;
-};
-
-static void
-file_apply (struct file *f, const struct event *e)
-{
-  size_t end = e->off + e->len;
-
-  if (end > f->cap) {
-    f->cap = end * 2;
-    f->d = realloc (f->d, f->cap);
-    if (f->d == NULL)
-      abort ();
-  }
-  if (end > f->len) {
-    if (e->off > f->len)
-      memset (f->d + f->len, 0, e->off - f->len);
-    f->len = end;
-  }
-  memcpy (f->d + e->off, e->data, e->len);
-}
-
-static void
-file_set (struct file *dst, const uint8_t *d, size_t len)
-{
-  if (dst->cap < len) {
-    dst->cap = len;
-    dst->d = realloc (dst->d, len);
-    if (dst->d == NULL)
-      abort ();
-  }
-  memcpy (dst->d, d, len);
-  dst->len = len;
-}
 
 /* ---- one kind ---- */
 
@@ -303,7 +116,7 @@ expected (const struct ctx *c, enum op op, bool after, struct expect *e)
 }
 
 static int
-layer_read (const struct file *f, const char *snapshot, uint8_t *buf,
+layer_read (const struct fl_file *f, const char *snapshot, uint8_t *buf,
             uint64_t size, uint32_t *nb_snaps, uint64_t *l1_off)
 {
   struct q2_open_opts o = { .readonly = true, .snapshot = snapshot };
@@ -381,7 +194,7 @@ only_copied_errors (const char *log, unsigned cluster_bits)
 
 /* Check one resulting file.  must_be_after: the operation succeeded. */
 static int
-verify (struct ctx *c, enum op op, const struct file *f, bool must_be_after,
+verify (struct ctx *c, enum op op, const struct fl_file *f, bool must_be_after,
         const char *what)
 {
   uint64_t size = c->k->size, l1_off;
@@ -490,9 +303,9 @@ one_run (struct ctx *c, enum op op, long fail_at, bool sticky, bool *ok)
   struct q2_open_opts opts = { .l2_cache_bytes = c->k->l2_cache };
   struct q2_image *img;
 
-  rec_reset (fail_at, sticky);
+  fl_io_reset (fail_at, EIO, sticky, true);
   c->runs++;
-  if (q2_open_io (rec_io_new (c->tmpl, c->tmpl_len), &opts, &img) == -1) {
+  if (q2_open_io (fl_io_mem (c->tmpl, c->tmpl_len), &opts, &img) == -1) {
     fprintf (stderr, "FAIL [%s]: q2_open_io: %m\n", c->k->name);
     return -1;
   }
@@ -505,7 +318,7 @@ static int
 test_kind (const struct kind *k)
 {
   struct ctx c = { .k = k };
-  struct file base = { 0 }, var = { 0 }, fin = { 0 };
+  struct fl_file base = { 0 }, var = { 0 }, fin = { 0 };
   uint8_t *initial = malloc (k->size);
   time_t t0 = time (NULL);
   uint64_t rs = seed ^ 0x5eed;
@@ -561,19 +374,19 @@ test_kind (const struct kind *k)
     bool ok;
 
     /* The clean run: it must succeed and leave a clean image. */
-    n_errors_logged = 0;
+    fl_errors_logged = 0;
     if (one_run (&c, op, 0, false, &ok) == -1)
       goto out;
-    if (!ok || n_errors_logged) {
+    if (!ok || fl_errors_logged) {
       fprintf (stderr, "FAIL [%s %s]: the operation failed without a "
                "fault\n", k->name, op_name[op]);
       goto out;
     }
-    calls = rec.calls;
-    file_set (&fin, c.tmpl, c.tmpl_len);
-    for (i = 0; i < rec.n; i++)
-      if (!rec.ev[i].flush)
-        file_apply (&fin, &rec.ev[i]);
+    calls = fl_io.calls;
+    fl_file_set (&fin, c.tmpl, c.tmpl_len);
+    for (i = 0; i < fl_io.n; i++)
+      if (!fl_io.ev[i].flush)
+        fl_file_apply (&fin, &fl_io.ev[i]);
     snprintf (what, sizeof what, "%s %s, no fault", k->name, op_name[op]);
     if (verify (&c, op, &fin, true, what) == -1)
       goto out;
@@ -585,31 +398,31 @@ test_kind (const struct kind *k)
     }
 
     /* Power loss after each flush of the clean run. */
-    fl = malloc ((rec.n + 1) * sizeof *fl);
+    fl = malloc ((fl_io.n + 1) * sizeof *fl);
     if (fl == NULL)
       abort ();
-    for (i = 0; i < rec.n; i++)
-      if (rec.ev[i].flush)
+    for (i = 0; i < fl_io.n; i++)
+      if (fl_io.ev[i].flush)
         fl[nfl++] = i;
-    file_set (&base, c.tmpl, c.tmpl_len);
+    fl_file_set (&base, c.tmpl, c.tmpl_len);
     for (cut = -1; cut < (long) nfl; cut++) {
       size_t lo = cut < 0 ? 0 : fl[cut] + 1;
-      size_t hi = cut + 1 < (long) nfl ? fl[cut + 1] : rec.n;
+      size_t hi = cut + 1 < (long) nfl ? fl[cut + 1] : fl_io.n;
       long v, nv = hi > lo ? variants : 1;
 
       for (; ev_base < lo; ev_base++)
-        if (!rec.ev[ev_base].flush)
-          file_apply (&base, &rec.ev[ev_base]);
+        if (!fl_io.ev[ev_base].flush)
+          fl_file_apply (&base, &fl_io.ev[ev_base]);
       for (v = 0; v < nv; v++) {
         size_t prefix = lo + fl_below (&rs, hi - lo + 1);
 
-        file_set (&var, base.d, base.len);
+        fl_file_set (&var, base.d, base.len);
         for (i = lo; i < hi; i++) {
           bool keep = v == 1 ? true : v == 0 ? false : v == 2 ? i < prefix
                     : fl_below (&rs, 2);
 
           if (keep)
-            file_apply (&var, &rec.ev[i]);
+            fl_file_apply (&var, &fl_io.ev[i]);
         }
         snprintf (what, sizeof what, "%s %s, power cut after flush %ld of "
                   "%zu, variant %ld (seed=%" PRIu64 ")", k->name,
@@ -629,18 +442,18 @@ test_kind (const struct kind *k)
     for (n = 1; n <= calls; n += step) {
       bool sticky = (n / step) % 2;
 
-      n_errors_logged = 0;
+      fl_errors_logged = 0;
       if (one_run (&c, op, n, sticky, &ok) == -1)
         goto out;
-      file_set (&fin, c.tmpl, c.tmpl_len);
-      for (i = 0; i < rec.n; i++)
-        if (!rec.ev[i].flush)
-          file_apply (&fin, &rec.ev[i]);
+      fl_file_set (&fin, c.tmpl, c.tmpl_len);
+      for (i = 0; i < fl_io.n; i++)
+        if (!fl_io.ev[i].flush)
+          fl_file_apply (&fin, &fl_io.ev[i]);
       snprintf (what, sizeof what, "%s %s, EIO%s at call %ld of %ld%s "
                 "(seed=%" PRIu64 ")", k->name, op_name[op],
                 sticky ? " for good" : "", n, calls,
                 ok ? ", operation succeeded" : "", seed);
-      if (ok && n_errors_logged == 0 && rec.fired == 0) {
+      if (ok && fl_errors_logged == 0 && fl_io.fired == 0) {
         fprintf (stderr, "FAIL [%s]: no fault fired\n", what);
         goto out;
       }
@@ -677,46 +490,28 @@ test_kind (const struct kind *k)
 int
 main (int argc, char *argv[])
 {
-  const char *s = getenv ("SEED"), *t = getenv ("TMPDIR");
-  int i, failed = 0;
+  int failed = 0;
   size_t j;
 
-  seed = s && *s ? strtoull (s, NULL, 0) : (uint64_t) time (NULL) % 100000;
-  if (getenv ("SNAPCRASH_VARIANTS"))
-    variants = atol (getenv ("SNAPCRASH_VARIANTS"));
-  if (getenv ("SNAPCRASH_MAX_N"))
-    max_n = atol (getenv ("SNAPCRASH_MAX_N"));
-  if (getenv ("SNAPCRASH_QEMU_READ_EVERY"))
-    qemu_read_every = atol (getenv ("SNAPCRASH_QEMU_READ_EVERY"));
+  variants = fl_env_long ("SNAPCRASH_VARIANTS", variants);
+  max_n = fl_env_long ("SNAPCRASH_MAX_N", max_n);
+  qemu_read_every = fl_env_long ("SNAPCRASH_QEMU_READ_EVERY", qemu_read_every);
   if (variants < 3)
     variants = 3;
   if (max_n < 1)
     max_n = 1;
   verbose = getenv ("VERBOSE") != NULL;
   alarm (900);
-  printf ("seed=%" PRIu64 " (rerun with SEED=%" PRIu64 ")\n", seed, seed);
-  fflush (stdout);
-  q2_set_log_hooks (log_error, NULL);
+  seed = fl_seed ();
+  q2_set_log_hooks (fl_log_error, NULL);
 
-  snprintf (tmpdir, sizeof tmpdir, "%s/test-snapshot-crash-XXXXXX",
-            t ? t : "/tmp");
-  if (mkdtemp (tmpdir) == NULL) {
-    perror ("mkdtemp");
+  if (fl_mkdtemp (tmpdir, sizeof tmpdir, "test-snapshot-crash") == -1)
     return 1;
-  }
-  for (j = 0; j < sizeof kinds / sizeof kinds[0]; j++) {
-    bool want = argc < 2;
-
-    for (i = 1; i < argc; i++)
-      if (strcmp (argv[i], kinds[j].name) == 0)
-        want = true;
-    if (want && test_kind (&kinds[j]) == -1)
+  for (j = 0; j < sizeof kinds / sizeof kinds[0]; j++)
+    if (fl_wanted (argc, argv, kinds[j].name, true) &&
+        test_kind (&kinds[j]) == -1)
       failed++;
-  }
-  if (getenv ("KEEP"))
-    printf ("kept %s\n", tmpdir);
-  else
-    fl_rm_rf (tmpdir);
+  fl_keep_or_remove (tmpdir);
   if (failed)
     printf ("%d image kinds FAILED (seed=%" PRIu64 ")\n", failed, seed);
   return failed ? 1 : 0;
