@@ -198,6 +198,10 @@ LLVMFuzzerTestOneInput (const uint8_t *data, size_t size)
   if (flags & FLAG_SNAPSHOT)
     opts.snapshot = "1";
   opts.readonly = !(flags & FLAG_WRITABLE);
+  /* Encrypted images get keyed (legacy AES) or their LUKS header
+   * parsed and tried; the fuzz build caps PBKDF2 iterations.
+   */
+  opts.password = "fuzz";
 
   io = q2_io_mem_new ("fuzz.qcow2", data, img_len, opts.readonly);
   if (io == NULL)

@@ -119,4 +119,22 @@ mk -o compat=1.1,cluster_size=4096 -b base.qcow2 -F qcow2 overlay.qcow2
 qio -c 'write -P 0x81 4k 4k' overlay.qcow2
 seed v3-4k-overlay overlay.qcow2
 
+# Encrypted with the password fuzz-image.c gives ("fuzz"): legacy AES,
+# and LUKS (cast5-128-cbc, the smallest key area, with sha512 and the
+# lowest iter-time so that the iteration counts stay under the fuzz
+# build's cap of 2048).  qemu-img may need a retry under load.
+sec=(--object secret,id=s0,data=fuzz)
+mk "${sec[@]}" -o encrypt.format=aes,encrypt.key-secret=s0,cluster_size=4096 \
+    aes.qcow2 1M
+qio "${sec[@]}" -c 'write -P 0x61 0 8k' -c 'write -z 16k 8k' \
+    --image-opts driver=qcow2,file.filename=aes.qcow2,encrypt.key-secret=s0
+seed v3-4k-aes aes.qcow2
+for _ in 1 2 3 4 5 6; do
+    mk "${sec[@]}" -o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=1,encrypt.hash-alg=sha512,encrypt.cipher-alg=cast5-128,encrypt.cipher-mode=cbc,cluster_size=512 \
+        luks.qcow2 64k 2>/dev/null && break
+done
+qio "${sec[@]}" -c 'write -P 0x61 0 8k' -c 'write -P 0x62 12k 1k' \
+    --image-opts driver=qcow2,file.filename=luks.qcow2,encrypt.key-secret=s0
+seed v3-512-luks luks.qcow2
+
 ls -l "$out"

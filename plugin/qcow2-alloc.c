@@ -185,6 +185,9 @@ q2_meta_init (struct q2_image *img)
       q2_meta_add (img, img->h.bitmap_dir_offset,
                    img->h.bitmap_dir_size) == -1)
     return -1;
+  if (img->crypt && img->crypt_host_iv &&
+      q2_meta_add (img, img->h.crypto_offset, img->h.crypto_length) == -1)
+    return -1;
   return add_snapshots (img);
 }
 

@@ -29,7 +29,7 @@ q2_cdesc_decode (unsigned cluster_bits, uint64_t desc, uint64_t *host,
   *len = sectors * 512 - (*host & 511);
 }
 
-static pthread_key_t zlib_key, zstd_key, scratch_key[2];
+static pthread_key_t zlib_key, zstd_key, scratch_key[3];
 static pthread_once_t keys_once = PTHREAD_ONCE_INIT;
 
 static void
@@ -57,6 +57,7 @@ make_keys (void)
   pthread_key_create (&zstd_key, free_zstd);
   pthread_key_create (&scratch_key[0], free);
   pthread_key_create (&scratch_key[1], free);
+  pthread_key_create (&scratch_key[2], free);
 }
 
 /* Per-thread buffers for compressed data: cluster-sized mallocs would

@@ -17,6 +17,7 @@
 
 #include "qcow2-internal.h"
 #include "qcow2-cache.h"
+#include "qcow2-crypto.h"
 
 /* Slices of 4 KiB keep a cache miss cheap for random I/O. */
 #define L2_SLICE_SIZE 4096
@@ -96,6 +97,7 @@ new_image (struct q2_io *io)
                                  PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
   pthread_rwlock_init (&img->io_lock, &attr);
   pthread_rwlockattr_destroy (&attr);
+  pthread_mutex_init (&img->rmw_lock, NULL);
   return img;
 }
 
@@ -153,7 +155,8 @@ q2_open_qcow2 (struct q2_io *io, const struct q2_open_opts *opts,
   }
   if (q2_load_l1 (img, img->l1_offset, img->l1_size, &img->l1) == -1 ||
       make_l2_cache (img, opts) == -1 ||
-      q2_snapshot_load_table (img) == -1)
+      q2_snapshot_load_table (img) == -1 ||
+      q2_crypt_open (img, opts, depth) == -1)
     goto fail;
   if (depth == 0 && opts->snapshot &&
       q2_snapshot_select (img, opts->snapshot) == -1)
@@ -173,6 +176,10 @@ q2_open_qcow2 (struct q2_io *io, const struct q2_open_opts *opts,
     goto fail;
   if (depth == 0 && q2_compress_setup (img, opts) == -1)
     goto fail;
+  if (depth == 0) {
+    img->repair = opts->repair;
+    q2_check_at_open (img);
+  }
   *img_out = img;
   return 0;
 
@@ -259,6 +266,8 @@ q2_close (struct q2_image *img)
   pthread_mutex_destroy (&img->lock);
   pthread_cond_destroy (&img->inflight_cond);
   pthread_rwlock_destroy (&img->io_lock);
+  pthread_mutex_destroy (&img->rmw_lock);
+  q2_crypt_close (img);
   free (img->l1);
   free (img->filename);
   free (img);
@@ -273,7 +282,7 @@ q2_size (const struct q2_image *img)
 bool
 q2_is_writable (const struct q2_image *img)
 {
-  return !img->readonly && !img->corrupt;
+  return !img->readonly && !img->corrupt && !img->check_failed;
 }
 
 void
@@ -317,8 +326,12 @@ q2_features (void)
     "qcow2_external_data_file=yes\n"
     "qcow2_backing_formats=raw,qcow2\n"
     "qcow2_max_chain=32\n"
-    "qcow2_snapshots=read\n"
-    "qcow2_encryption=no\n"
+    "qcow2_snapshots=read,create,apply,delete\n"
+    "qcow2_encryption=aes,luks\n"
+    "qcow2_luks_ciphers=" Q2_CRYPTO_CIPHERS "\n"
+    "qcow2_luks_modes=" Q2_CRYPTO_MODES "\n"
+    "qcow2_luks_ivgens=" Q2_CRYPTO_IVGENS "\n"
+    "qcow2_luks_hashes=" Q2_CRYPTO_HASHES "\n"
     "qcow2_write=yes\n"
     "qcow2_compressed_writes=yes\n"
     "zstd_version=" ZSTD_VERSION_STRING "\n"

@@ -157,6 +157,14 @@ struct q2_image {
   uint64_t cpack_off;           /* next free byte of the packing area */
   uint64_t cpack_end;           /* its end (a cluster boundary); 0: none.
                                    Reset when its last cluster is freed. */
+  enum q2_repair repair;        /* see q2_open_opts */
+  bool check_failed;            /* repair=check found errors: no writes */
+  /* Encryption (qcow2-encrypt.c): NULL for a plain image.  The cipher is
+   * keyed once at open and shared read-only by every thread.
+   */
+  struct q2_crypto *crypt;
+  bool crypt_host_iv;           /* LUKS: IV from the host sector */
+  pthread_mutex_t rmw_lock;     /* serialises partial-sector writes */
 };
 
 /* ---- mapping (qcow2-map.c) ---- */
@@ -179,9 +187,10 @@ extern int q2_map (struct q2_image *img, uint64_t offset, uint64_t max,
 /* ---- compression (qcow2-compress.c) ---- */
 extern int q2_decompress (int type, const void *src, size_t srclen,
                           void *dst, size_t dstlen);
-/* A per-thread buffer of at least n bytes (which: 0 or 1), kept for
- * reuse by the same thread.
+/* A per-thread buffer of at least n bytes (which: 0 or 1, and 2 for
+ * Q2_SCRATCH_CRYPT), kept for reuse by the same thread.
  */
+#define Q2_SCRATCH_CRYPT 2
 extern void *q2_scratch (unsigned which, size_t n);
 /* Compress srclen bytes into at most dstcap bytes: 0 and *outlen on
  * success, 1 if the output does not fit, -1 on error.
@@ -214,10 +223,15 @@ struct q2_snapshot {
   uint64_t disk_size;           /* the header's size if not recorded */
   char *id;
   char *name;
+  uint64_t entry_off;           /* file offset of the table entry */
+  uint64_t entry_len;           /* its length without padding */
 };
 extern int q2_snapshot_load_table (struct q2_image *img);
 extern void q2_snapshot_free_table (struct q2_image *img);
 extern int q2_snapshot_select (struct q2_image *img, const char *id_or_name);
+/* By ID first, then by name, as QEMU looks snapshots up; NULL if none. */
+extern struct q2_snapshot *q2_snapshot_find (struct q2_image *img,
+                                             const char *id_or_name);
 
 /* ---- image (qcow2-image.c) ----
  * follow: open the backing and data files the image names.
@@ -269,6 +283,54 @@ extern int q2_check_overlap (struct q2_image *img, uint64_t off,
  */
 extern int q2_bitmaps_mark_in_use (struct q2_image *img);
 
+/* ---- consistency check and refcount rebuild (qcow2-check.c) ---- */
+struct q2_check_result {
+  uint64_t leaks, errors, copied;       /* found, as qemu-img check counts */
+  uint64_t leaks_past_end;      /* refcounts past the end of the file */
+  uint64_t leaks_fixed, errors_fixed, copied_fixed;
+  bool rc_damaged;              /* the refcount structures are damaged */
+  bool rebuilt;                 /* new refcount structures were written */
+  bool corrupt;                 /* real metadata corruption: no repair */
+};
+/* Count every reference to every cluster of the file and compare with
+ * the refcounts on disk.  repair: fix what was found (img->lock held,
+ * before the write state exists: refcounts are written directly, L2
+ * entries through the L2 cache).  Fails on real metadata corruption
+ * (res->corrupt) without writing anything.
+ */
+extern int q2_check (struct q2_image *img, bool repair,
+                     struct q2_check_result *res);
+extern void q2_check_report (struct q2_image *img,
+                             const struct q2_check_result *res,
+                             bool repaired);
+/* At open (repair=check or all, image writable): check, report, and
+ * refuse writes later if real corruption (or, for check, any error)
+ * was found.  Never fails the open.
+ */
+extern void q2_check_at_open (struct q2_image *img);
+/* Lock held, from the first write's setup: repair as img->repair says
+ * and clear the dirty bit.
+ */
+extern int q2_check_before_write (struct q2_image *img);
+#define Q2_SECTOR_SIZE 512
+
+/* ---- encryption of guest data (qcow2-encrypt.c) ---- */
+/* At open: key the image's cipher if it is encrypted (depth as for
+ * q2_open_backing, to pick the password).
+ */
+extern int q2_crypt_open (struct q2_image *img,
+                          const struct q2_open_opts *opts, unsigned depth);
+extern void q2_crypt_close (struct q2_image *img);
+/* In place; host and guest are the offsets of buf's first byte, and
+ * len a multiple of 512.
+ */
+extern void q2_crypt_decrypt (struct q2_image *img, uint8_t *buf,
+                              uint64_t len, uint64_t host, uint64_t guest);
+/* Encrypt src into dst (may be equal). */
+extern void q2_crypt_encrypt (struct q2_image *img, uint8_t *dst,
+                              const uint8_t *src, uint64_t len,
+                              uint64_t host, uint64_t guest);
+
 /* ---- writing (qcow2-write.c) ---- */
 extern int q2_mark_corrupt (struct q2_image *img);
 /* Write to the image file and raise the known file size. */
@@ -302,5 +364,7 @@ extern int q2_compress_setup (struct q2_image *img,
 /* Every data write when compress=true; io_lock held shared. */
 extern int q2_write_compressed (struct q2_image *img, const uint8_t *buf,
                                 uint64_t count, uint64_t offset);
+/* Set up the write state, as the first write does (lock not held). */
+extern int q2_begin_write (struct q2_image *img);
 
 #endif /* QCOW2_INTERNAL_H */

@@ -100,7 +100,14 @@ static int
 qcow2_get_ready (void)
 {
   q2_debug_map = qcow2_debug_map;
-  return q2_open (filename, &q2_params.opts, &image);
+  if (q2_open (filename, &q2_params.opts, &image) == -1)
+    return -1;
+  if (q2_params_snapshot_ops (image) == -1) {
+    q2_close (image);           /* flushes what was done */
+    image = NULL;
+    return -1;
+  }
+  return 0;
 }
 
 static void

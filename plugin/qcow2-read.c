@@ -112,6 +112,7 @@ read_compressed (struct q2_image *img, uint8_t *buf, uint64_t count,
 struct pending {
   uint8_t *buf;
   uint64_t host, len;
+  uint64_t guest;               /* of the first byte, for decryption */
 };
 
 static int
@@ -119,10 +120,48 @@ issue (struct q2_image *img, struct pending *p)
 {
   int r = 0;
 
-  if (p->len)
+  if (p->len) {
     r = q2_io_pread (img->data_io, p->buf, p->len, p->host);
+    if (r == 0 && img->crypt)
+      q2_crypt_decrypt (img, p->buf, p->len, p->host, p->guest);
+  }
   p->len = 0;
   return r;
+}
+
+static int read_sectors (struct q2_image *img, uint8_t *b, uint64_t count,
+                         uint64_t offset);
+
+/* Encrypted images decrypt whole sectors: a partial sector at either
+ * end is read into a buffer of its own.
+ */
+static int
+read_partial (struct q2_image *img, uint8_t *b, uint64_t count,
+              uint64_t offset)
+{
+  uint8_t sec[Q2_SECTOR_SIZE];
+  uint64_t s, in, n, mid;
+
+  if (offset % Q2_SECTOR_SIZE) {
+    s = offset & ~(uint64_t) (Q2_SECTOR_SIZE - 1);
+    in = offset - s;
+    n = Q2_SECTOR_SIZE - in < count ? Q2_SECTOR_SIZE - in : count;
+    if (read_sectors (img, sec, Q2_SECTOR_SIZE, s) == -1)
+      return -1;
+    memcpy (b, sec + in, n);
+    b += n;
+    offset += n;
+    count -= n;
+  }
+  mid = count & ~(uint64_t) (Q2_SECTOR_SIZE - 1);
+  if (mid && read_sectors (img, b, mid, offset) == -1)
+    return -1;
+  if (count > mid) {
+    if (read_sectors (img, sec, Q2_SECTOR_SIZE, offset + mid) == -1)
+      return -1;
+    memcpy (b + mid, sec, count - mid);
+  }
+  return 0;
 }
 
 int
@@ -140,11 +179,20 @@ int
 q2_read_nolock (struct q2_image *img, void *buf, uint64_t count,
                 uint64_t offset)
 {
+  if (img->raw)
+    return q2_io_pread (img->io, buf, count, offset);
+  if (img->crypt && ((offset | count) % Q2_SECTOR_SIZE))
+    return read_partial (img, buf, count, offset);
+  return read_sectors (img, buf, count, offset);
+}
+
+static int
+read_sectors (struct q2_image *img, uint8_t *buf, uint64_t count,
+              uint64_t offset)
+{
   struct pending p = { .len = 0 };
   uint8_t *b = buf;
 
-  if (img->raw)
-    return q2_io_pread (img->io, buf, count, offset);
   while (count > 0) {
     struct q2_run run;
     int r = 0;
@@ -159,7 +207,7 @@ q2_read_nolock (struct q2_image *img, void *buf, uint64_t count,
       return -1;
     switch (run.kind) {
     case Q2_DATA:
-      p = (struct pending) { b, run.host, run.len };
+      p = (struct pending) { b, run.host, run.len, offset };
       break;
     case Q2_ZERO:
       memset (b, 0, run.len);
@@ -168,6 +216,11 @@ q2_read_nolock (struct q2_image *img, void *buf, uint64_t count,
       r = read_backing (img, b, run.len, offset);
       break;
     case Q2_COMPRESSED:
+      if (img->crypt) {
+        r = Q2_FAIL (EINVAL, "%s: compressed cluster in an encrypted image "
+                     "(guest offset %" PRIu64 ")", img->filename, offset);
+        break;
+      }
       r = read_compressed (img, b, count, offset, &run, &run.len);
       break;
     }

@@ -80,6 +80,8 @@ parse_entry (struct q2_image *img, uint32_t i, uint64_t *off,
   if (sn->id == NULL || sn->name == NULL)
     return Q2_FAIL (EIO, "%s: cannot read snapshot %" PRIu32, img->filename,
                     i);
+  sn->entry_off = start;
+  sn->entry_len = len;
   *off = start + ((len + 7) & ~UINT64_C (7));
   return 0;
 }
@@ -131,6 +133,12 @@ find (struct q2_image *img, const char *s)
     if (strcmp (img->snaps[i].name, s) == 0)
       return &img->snaps[i];
   return NULL;
+}
+
+struct q2_snapshot *
+q2_snapshot_find (struct q2_image *img, const char *id_or_name)
+{
+  return find (img, id_or_name);
 }
 
 int

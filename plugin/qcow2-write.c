@@ -61,11 +61,47 @@ q2_write_file (struct q2_image *img, const void *buf, size_t n, uint64_t off)
 }
 
 static int
-write_data (struct q2_image *img, const void *buf, size_t n, uint64_t host)
+write_plain (struct q2_image *img, const void *buf, size_t n, uint64_t host)
 {
   if (img->data_io == img->io)
     return q2_write_file (img, buf, n, host);
   return img->data_io->ops->pwrite (img->data_io, buf, n, host);
+}
+
+/* Encrypted images: the caller's buffer is never modified, so the
+ * ciphertext goes through a per-thread buffer, a piece at a time;
+ * a buffer we own (own) is encrypted in place and written at once.
+ */
+#define CRYPT_CHUNK (1024 * 1024)
+
+static int
+write_data (struct q2_image *img, const void *buf, size_t n, uint64_t host,
+            uint64_t guest, bool own)
+{
+  const uint8_t *src = buf;
+  uint8_t *tmp;
+
+  if (img->crypt == NULL)
+    return write_plain (img, buf, n, host);
+  if (own) {
+    q2_crypt_encrypt (img, (uint8_t *) buf, buf, n, host, guest);
+    return write_plain (img, buf, n, host);
+  }
+  tmp = q2_scratch (Q2_SCRATCH_CRYPT, n < CRYPT_CHUNK ? n : CRYPT_CHUNK);
+  if (tmp == NULL)
+    return Q2_FAIL (ENOMEM, "%s: malloc: %m", img->filename);
+  while (n > 0) {
+    size_t len = n < CRYPT_CHUNK ? n : CRYPT_CHUNK;
+
+    q2_crypt_encrypt (img, tmp, src, len, host, guest);
+    if (write_plain (img, tmp, len, host) == -1)
+      return -1;
+    src += len;
+    host += len;
+    guest += len;
+    n -= len;
+  }
+  return 0;
 }
 
 static int
@@ -105,6 +141,11 @@ begin_write (struct q2_image *img)
 
   if (img->write_started)
     return 0;
+  /* Repair (a dirty image, or any with repair=all) before anything
+   * else reads the refcounts.
+   */
+  if (q2_check_before_write (img) == -1)
+    return -1;
   if (q2_rc_init (img) == -1 || q2_meta_init (img) == -1)
     goto fail;
   if ((img->h.autoclear & QCOW2_AUTOCLEAR_BITMAPS) &&
@@ -145,10 +186,17 @@ q2_check_writable (const struct q2_image *img)
                     img->corrupt ? "marked corrupt" :
                     img->snapshot ? "a snapshot export, which is read-only" :
                     "open read-only");
-  if ((img->h.incompat & QCOW2_INCOMPAT_DIRTY) && !img->write_started)
+  if (img->check_failed)
+    return Q2_FAIL (EROFS, "%s: the consistency check found errors or "
+                    "corruption (see the log); writes are refused; repair "
+                    "it with 'qemu-img check -r all %s', or serve it with "
+                    "repair=all", img->filename, img->filename);
+  if ((img->h.incompat & QCOW2_INCOMPAT_DIRTY) && !img->write_started &&
+      img->repair == Q2_REPAIR_OFF)
     return Q2_FAIL (EROFS, "%s: the image is dirty (its lazy refcounts were "
                     "not written back); repair it with 'qemu-img check -r "
-                    "all %s' before writing, or serve it with -r",
+                    "all %s' before writing, or serve it with -r (or "
+                    "with repair=auto, the default)",
                     img->filename, img->filename);
   return 0;
 }
@@ -166,6 +214,12 @@ start (struct q2_image *img)
   r = begin_write (img);
   pthread_mutex_unlock (&img->lock);
   return r;
+}
+
+int
+q2_begin_write (struct q2_image *img)
+{
+  return start (img);
 }
 
 /* ---- in-flight allocations (lock held) ---- */
@@ -502,7 +556,7 @@ make_plan (struct q2_image *img, uint64_t offset, uint64_t end,
     }
   }
   p->fresh_zeros = !p->reuse && !p->old.has_host &&
-    img->data_io == img->io &&
+    img->data_io == img->io && img->crypt == NULL &&
     p->host >= __atomic_load_n (&img->file_size, __ATOMIC_ACQUIRE) &&
     (img->backing == NULL || p->g0 >= img->backing->size);
   if (inflight_add (img, p->g0, p->n * img->cluster_size) == -1) {
@@ -559,7 +613,7 @@ write_cow (struct q2_image *img, const struct plan *p, const uint8_t *buf,
   int r;
 
   if ((head == 0 && tail == 0) || p->fresh_zeros)
-    return write_data (img, buf, wend - offset, host + head);
+    return write_data (img, buf, wend - offset, host + head, offset, false);
   tmp = malloc (cow_end - cow_start);
   if (tmp == NULL)
     return Q2_FAIL (ENOMEM, "%s: malloc: %m", img->filename);
@@ -568,7 +622,7 @@ write_cow (struct q2_image *img, const struct plan *p, const uint8_t *buf,
     r = q2_read_nolock (img, tmp + (wend - cow_start), tail, wend);
   if (r == 0) {
     memcpy (tmp + head, buf, wend - offset);
-    r = write_data (img, tmp, cow_end - cow_start, host);
+    r = write_data (img, tmp, cow_end - cow_start, host, cow_start, true);
   }
   free (tmp);
   return r;
@@ -631,16 +685,68 @@ write_some (struct q2_image *img, const uint8_t *buf, uint64_t count,
   if (run.kind == Q2_DATA && run.copied) {
     if (guard (img, run.host, run.len) == -1)
       return -1;
-    if (write_data (img, buf, run.len, run.host) == -1)
+    if (write_data (img, buf, run.len, run.host, offset, false) == -1)
       return -1;
     return run.len;
   }
   return write_alloc (img, buf, count, offset);
 }
 
+static int write_sectors (struct q2_image *img, const uint8_t *buf,
+                          uint64_t count, uint64_t offset);
+
+/* Encrypted images: a partial sector is read, merged and written whole.
+ * Such read-modify-writes are serialised, so that two requests into
+ * different bytes of one sector cannot undo each other.
+ */
+static int
+rmw_sector (struct q2_image *img, const uint8_t *buf, uint64_t n,
+            uint64_t offset)
+{
+  uint8_t sec[Q2_SECTOR_SIZE];
+  uint64_t s = offset & ~(uint64_t) (Q2_SECTOR_SIZE - 1);
+  int r;
+
+  pthread_mutex_lock (&img->rmw_lock);
+  r = q2_read_nolock (img, sec, Q2_SECTOR_SIZE, s);
+  if (r == 0) {
+    memcpy (sec + (offset - s), buf, n);
+    r = write_sectors (img, sec, Q2_SECTOR_SIZE, s);
+  }
+  pthread_mutex_unlock (&img->rmw_lock);
+  return r;
+}
+
 static int
 write_nolock (struct q2_image *img, const uint8_t *buf, uint64_t count,
               uint64_t offset)
+{
+  uint64_t n, mid;
+
+  if (img->crypt == NULL || ((offset | count) % Q2_SECTOR_SIZE) == 0)
+    return write_sectors (img, buf, count, offset);
+  if (offset % Q2_SECTOR_SIZE) {
+    n = Q2_SECTOR_SIZE - offset % Q2_SECTOR_SIZE;
+    if (n > count)
+      n = count;
+    if (rmw_sector (img, buf, n, offset) == -1)
+      return -1;
+    buf += n;
+    offset += n;
+    count -= n;
+  }
+  mid = count & ~(uint64_t) (Q2_SECTOR_SIZE - 1);
+  if (mid && write_sectors (img, buf, mid, offset) == -1)
+    return -1;
+  if (count > mid && rmw_sector (img, buf + mid, count - mid,
+                                 offset + mid) == -1)
+    return -1;
+  return 0;
+}
+
+static int
+write_sectors (struct q2_image *img, const uint8_t *buf, uint64_t count,
+               uint64_t offset)
 {
   unsigned stalls = 0;
 

@@ -26,6 +26,14 @@ struct q2_io;
  */
 #define Q2_DEFAULT_L2_CACHE (32 * 1024 * 1024)
 
+/* What to do about refcounts at open and at the first write (repair=). */
+enum q2_repair {
+  Q2_REPAIR_AUTO = 0,   /* rebuild a dirty (lazy refcounts) image */
+  Q2_REPAIR_ALL,        /* full check at open; repair at the first write */
+  Q2_REPAIR_OFF,        /* refuse to write a dirty image */
+  Q2_REPAIR_CHECK,      /* full check at open; errors refuse writes */
+};
+
 struct q2_open_opts {
   const char *backing;        /* NULL: as the image says; "none": no backing */
   const char *backing_format; /* NULL: as the image says; "raw" or "qcow2" */
@@ -37,6 +45,7 @@ struct q2_open_opts {
   const char *password;         /* NULL: none given */
   const char *backing_password; /* NULL: use password */
   bool compress;              /* store every write as compressed clusters */
+  enum q2_repair repair;        /* top image only */
 };
 
 /* Block status flags, with the same values as NBD's. */
@@ -87,6 +96,25 @@ extern int q2_zero (struct q2_image *img, uint64_t count, uint64_t offset,
 extern int q2_trim (struct q2_image *img, uint64_t count, uint64_t offset);
 /* Make every completed write durable, from every connection. */
 extern int q2_flush (struct q2_image *img);
+
+/* Internal snapshots, like qemu-img snapshot -c / -a / -d.  Only on an
+ * image opened read-write on its active layer, before any request:
+ * each call is crash-safe on its own and leaves everything flushed.
+ */
+extern int q2_snapshot_create (struct q2_image *img, const char *name);
+extern int q2_snapshot_apply (struct q2_image *img, const char *id_or_name);
+extern int q2_snapshot_delete (struct q2_image *img, const char *id_or_name);
+/* Several, in order, after checking that every name and ID the list
+ * refers to will exist (and no created name will be taken), so that a
+ * bad list fails before the file is touched.
+ */
+enum { Q2_SNAP_CREATE, Q2_SNAP_APPLY, Q2_SNAP_DELETE };
+struct q2_snapshot_op {
+  int kind;                     /* Q2_SNAP_* */
+  const char *arg;              /* name (create), ID or name */
+};
+extern int q2_snapshot_run (struct q2_image *img,
+                            const struct q2_snapshot_op *ops, size_t n);
 
 /* Cache statistics of the whole chain, through the debug hook. */
 extern void q2_log_stats (struct q2_image *img);

@@ -19,6 +19,7 @@
 
 extern char **environ;
 
+#include "qcow2.h"
 #include "faultlib.h"
 
 static uint32_t
@@ -552,6 +553,29 @@ fl_snapshot_create (const char *path, const char *name, uint8_t **file,
 
   if (fl_run (argv, NULL) != 0) {
     fprintf (stderr, "qemu-img snapshot -c %s %s failed\n", name, path);
+    return -1;
+  }
+  free (*file);
+  return fl_read_file (path, file, file_len);
+}
+
+int
+fl_layer_snapshot_create (const char *path, const char *name, uint8_t **file,
+                          size_t *file_len)
+{
+  struct q2_open_opts o = { .backing = "none" };
+  struct q2_image *img;
+  int r;
+
+  if (q2_open (path, &o, &img) == -1) {
+    fprintf (stderr, "%s: cannot open it to create snapshot %s\n", path,
+             name);
+    return -1;
+  }
+  r = q2_snapshot_create (img, name);
+  q2_close (img);
+  if (r == -1) {
+    fprintf (stderr, "%s: q2_snapshot_create %s failed\n", path, name);
     return -1;
   }
   free (*file);

@@ -120,6 +120,9 @@ extern int fl_make_image_near_full (const char *path,
 /* Add an internal snapshot to the image at path; *file is reread. */
 extern int fl_snapshot_create (const char *path, const char *name,
                                uint8_t **file, size_t *file_len);
+/* The same, made by the layer (q2_snapshot_create) instead of qemu-img. */
+extern int fl_layer_snapshot_create (const char *path, const char *name,
+                                     uint8_t **file, size_t *file_len);
 extern int fl_write_file (const char *path, const void *data, size_t len);
 extern int fl_read_file (const char *path, uint8_t **data, size_t *len);
 extern void fl_print_file (const char *path, int max_lines);

@@ -65,6 +65,7 @@ struct kind {
   bool snapshot;                /* the start is also snapshot "s1" */
   bool compress_writes;         /* written with compress=true (run only
                                    when named: test-compress-faults) */
+  bool layer_snapshot;          /* made by snapshot-create, not qemu-img */
 };
 
 #define K(n, o, cl, sz) .name = n, .create_opts = o, .cluster = cl, .size = sz
@@ -93,6 +94,9 @@ static const struct kind kinds[] = {
   { K ("cw-64k", "compat=1.1", 64 * KiB, 8 * MiB), .compress_writes = true },
   { K ("cw-compressed-4k", "compat=1.1,cluster_size=4096", 4 * KiB, 4 * MiB),
     .compress = true, .compress_writes = true },
+  /* The same with the snapshot taken by the layer (snapshot-create). */
+  { K ("layer-snapshot", "compat=1.1,cluster_size=4096", 4 * KiB, 4 * MiB),
+    .snapshot = true, .layer_snapshot = true },
 };
 
 /* ---- the fault-injecting q2_io ---- */
@@ -566,6 +570,9 @@ make_start (struct ctx *c)
   if (fl_make_image (c->tmpl_path, k->create_opts, k->compress, k->size,
                      0, seed, c->initial, &c->tmpl, &c->tmpl_len) == -1)
     return -1;
+  if (k->snapshot && k->layer_snapshot)
+    return fl_layer_snapshot_create (c->tmpl_path, "s1", &c->tmpl,
+                                     &c->tmpl_len);
   if (k->snapshot)
     return fl_snapshot_create (c->tmpl_path, "s1", &c->tmpl, &c->tmpl_len);
   return 0;

@@ -2,7 +2,8 @@
 # SPDX-License-Identifier: BSD-3-Clause
 # Injected EIO and ENOSPC at every pwrite/flush of a seeded workload
 # (see test-faults.c).  SEED=n reproduces a run; arguments pick image
-# kinds (v3 v2 rc1-4k extl2 lazy c512 c512-rc64 compressed snapshot).
+# kinds (v3 v2 rc1-4k extl2 lazy c512 c512-rc64 compressed snapshot
+# layer-snapshot).
 set -euo pipefail
 export PATH=/usr/bin:$PATH
 command -v qemu-img >/dev/null || { echo "missing qemu-img: skipped"; exit 77; }

@@ -49,6 +49,7 @@ struct kind {
   bool compress;                /* the starting data is compressed */
   bool compress_writes;         /* written with compress=true (run only
                                    when named: test-compress-powerloss) */
+  bool layer_snapshot;          /* made by snapshot-create, not qemu-img */
 };
 
 #define K(n, o, cl, sz) .name = n, .create_opts = o, .cluster = cl, .size = sz
@@ -75,6 +76,9 @@ static const struct kind kinds[] = {
        4 * KiB, 4 * MiB), .compress_writes = true },
   { K ("cw-compressed-rc2", "compat=1.1,refcount_bits=2", 64 * KiB, 8 * MiB),
     .compress = true, .compress_writes = true },
+  /* The same with the snapshot taken by the layer (snapshot-create). */
+  { K ("layer-snapshot", "compat=1.1,cluster_size=4096", 4 * KiB, 4 * MiB),
+    .snapshot = true, .layer_snapshot = true },
 };
 
 /* ---- the recording q2_io ---- */
@@ -319,7 +323,11 @@ test_kind (const struct kind *k)
                : fl_make_image (path, k->create_opts, k->compress, k->size,
                                 0, seed, initial, &tmpl, &tmpl_len)) == -1)
     return -1;
-  if (k->snapshot && fl_snapshot_create (path, "s1", &tmpl, &tmpl_len) == -1)
+  if (k->snapshot &&
+      (k->layer_snapshot ? fl_layer_snapshot_create (path, "s1", &tmpl,
+                                                     &tmpl_len)
+                         : fl_snapshot_create (path, "s1", &tmpl,
+                                               &tmpl_len)) == -1)
     return -1;
   fl_workload_gen (&w, seed, k->size, k->cluster, nops);
   fl_model_init (&m, k->size, initial);

@@ -39,11 +39,12 @@ nbdkit -U - "$PLUGIN" file="$img" --run '
 grep -q "corrupt" "$scratch/log" || { echo "no warning about the corrupt bit"; cat "$scratch/log"; exit 1; }
 echo "ok: an image marked corrupt is served read-only"
 
-# 3. A dirty image with lazy refcounts: read-write connections refused.
+# 3. A dirty image with lazy refcounts and repair=off: read-write
+# connections refused.
 fresh -o lazy_refcounts=on
 $patch set-incompat "$img" 1
 sum=$(sha256sum < "$img")
-if nbdkit -U - "$PLUGIN" file="$img" --run 'nbdsh -u "$uri" -c "h.pwrite(b\"x\" * 512, 0)"' \
+if nbdkit -U - "$PLUGIN" file="$img" repair=off --run 'nbdsh -u "$uri" -c "h.pwrite(b\"x\" * 512, 0)"' \
      2> "$scratch/log"; then
   echo "a write to a dirty image succeeded"; exit 1
 fi
