@@ -68,11 +68,15 @@ class Config:
                                    str(self.runtime)))
         self.seed = int(get("SEED", "20261124", "20261124"))
         self.workloads = [w.strip() for w in
-                          get("WORKLOADS", "a,b,c,d,e,f,g,h,i,cz",
-                              "a,b,c,d,e,f,g,h,i,cz").split(",") if w.strip()]
+                          get("WORKLOADS", "a,b,c,d,e,f,g,h,i,j,k,l,m,cz",
+                              "a,b,c,d,e,f,g,h,i,j,k,l,m,cz").split(",")
+                          if w.strip()]
         self.standin = e.get("STANDIN", "")
         self.plugin = e.get("PLUGIN", "")
         self.plugin_args = e.get("PLUGIN_ARGS", "").split()
+        # Workloads l and m: the filter over the file plugin.
+        self.filter = e.get("FILTER") or os.path.join(
+            os.path.dirname(self.plugin), "nbdkit-qcow2-filter.so")
         self.srcdir = e.get("BENCH_SRCDIR") or os.path.dirname(
             os.path.dirname(os.path.abspath(__file__)))
         self.results = e.get("RESULTS_DIR") or os.path.join(
@@ -162,7 +166,8 @@ class Server:
 
 class Bench:
     SERVERS = ("plugin", "qemu", "raw")
-    LABEL = {"plugin": "plugin", "qemu": "qemu-nbd", "raw": "raw"}
+    LABEL = {"plugin": "plugin", "qemu": "qemu-nbd", "raw": "raw",
+             "filter": "filter"}
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -261,8 +266,9 @@ class Bench:
             cmd.append("--read-only")
         return cmd + [img]
 
-    def start(self, kind, img, ro):
-        """Start server KIND on IMG; ro: export read-only."""
+    def start(self, kind, img, ro, extra_args=()):
+        """Start server KIND on IMG; ro: export read-only; extra_args:
+        more plugin parameters (the plugin only)."""
         # Write back dirty pages left by earlier runs (and image
         # preparation) now, outside the timing, not during this run.
         if self.dirty:
@@ -283,6 +289,11 @@ class Bench:
                 procs.append(self.spawn(
                     ["nbdkit", "-f", "-U", sock] + rflag + ["file", img],
                     logpath))
+            elif kind == "filter":
+                procs.append(self.spawn(
+                    ["nbdkit", "-f", "-U", sock] + rflag +
+                    ["--filter=" + self.cfg.filter, "file", "file=" + img] +
+                    ["qcow2-" + a for a in self.cfg.plugin_args], logpath))
             elif self.cfg.standin == "qcow2dec":
                 procs.append(self.spawn(
                     ["nbdkit", "-f", "-U", sock, "-r", "file", img,
@@ -301,7 +312,8 @@ class Bench:
             else:
                 procs.append(self.spawn(
                     ["nbdkit", "-f", "-U", sock] + rflag +
-                    [self.cfg.plugin, "file=" + img] + self.cfg.plugin_args,
+                    [self.cfg.plugin, "file=" + img] + self.cfg.plugin_args +
+                    list(extra_args),
                     logpath))
             self.write_pids()
             self.wait_ready(procs[-1], sock, logpath)
@@ -395,9 +407,9 @@ class Bench:
         c = self.cfg
         rng = random.Random(c.seed)
         t0 = time.time()
-        if need & set(["a", "b", "c", "f", "g", "h", "cz"]):
+        if need & set(["a", "b", "c", "f", "g", "h", "cz", "l", "m"]):
             self.make_data(rng)
-        if need & set("abgfh"):
+        if need & set("abgfhlm"):
             log("prep: full.qcow2 (qemu-img convert -O qcow2)")
             self.img["full"] = self.path("full.qcow2")
             run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2",
@@ -418,6 +430,8 @@ class Bench:
             self.make_chain(rng)
         if "i" in need:
             self.make_big(rng)
+        if need & set("jk"):
+            self.make_nbd_overlay(rng)
         for k in ("full", "comp"):
             if k in self.img:
                 self.notes.append("%s.qcow2: %.0f MiB on disk" % (
@@ -445,6 +459,26 @@ class Bench:
                 else:
                     off = rng.randrange(len(pool) - cl)
                     f.write(pool[off:off + cl])
+
+    def make_nbd_overlay(self, rng):
+        """An empty overlay on SIZE bytes of data exported by nbdkit file
+        on a Unix socket (workloads j, k): every read goes to the NBD
+        backing server, which runs for the rest of the benchmark."""
+        if "data" not in self.img:
+            self.make_data(rng)
+        sock = self.path("nbd-backing.sock")
+        logpath = os.path.join(self.logdir, "nbd-backing.log")
+        log("prep: nbdov.qcow2 (empty overlay on nbd+unix backing, "
+            "nbdkit file data.raw)")
+        srv = Server("nbd-backing", [], sock, logpath)
+        self.live.append(srv)
+        srv.procs.append(self.spawn(["nbdkit", "-f", "-r", "-U", sock,
+                                     "file", self.img["data"]], logpath))
+        self.write_pids()
+        self.wait_ready(srv.procs[-1], sock, logpath)
+        self.img["nbdov"] = self.path("nbdov.qcow2")
+        run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b",
+             srv.uri(), "-F", "raw", self.img["nbdov"], str(self.cfg.size)])
 
     def qemu_io(self, img, fmt, cmds):
         for i in range(0, len(cmds), 1000):
@@ -597,7 +631,7 @@ class Bench:
             self.warm(self.img[wl["qcow2"]], self.img[wl["raw"]])
         self.last_record = time.monotonic()
         for rep in range(c.reps):
-            for kind in self.order(rep, self.SERVERS):
+            for kind in self.order(rep, wl.get("servers", self.SERVERS)):
                 srv = None
                 tmp = None
                 try:
@@ -614,7 +648,8 @@ class Bench:
                     else:
                         img = self.img[wl["qcow2" if kind != "raw"
                                           else "raw"]]
-                    srv = self.start(kind, img, wl["ro"])
+                    srv = self.start(kind, img, wl["ro"],
+                                     wl.get("plugin_args", ()))
                     self.dirty = self.dirty or not wl["ro"]
                     m = self.fio(srv, wl)
                     self.record(wid, kind, rep, m[wl["metric"]], m)
@@ -859,6 +894,22 @@ FIO_WORKLOADS = [
     {"id": "g", "name": "4k random read, 2-level backing chain",
      "rw": "randread", "bs": "4k", "metric": "iops", "qcow2": "top",
      "raw": "chain_raw", "ro": True},
+    {"id": "j", "name": "4k random read, empty overlay on NBD backing",
+     "rw": "randread", "bs": "4k", "metric": "iops", "qcow2": "nbdov",
+     "raw": "data", "ro": True,
+     "plugin_args": ["allow-remote-backing=true"]},
+    {"id": "k", "name": "1M seq read, empty overlay on NBD backing",
+     "rw": "read", "bs": "1M", "metric": "mibs", "qcow2": "nbdov",
+     "raw": "data", "ro": True,
+     "plugin_args": ["allow-remote-backing=true"]},
+    # The filter (nbdkit --filter=qcow2 file IMG) against the plugin on
+    # the same image, alternated.
+    {"id": "l", "name": "4k random read, allocated, filter vs plugin",
+     "rw": "randread", "bs": "4k", "metric": "iops", "qcow2": "full",
+     "raw": "data", "ro": True, "servers": ("filter", "plugin")},
+    {"id": "m", "name": "1M seq read, allocated, filter vs plugin",
+     "rw": "read", "bs": "1M", "metric": "mibs", "qcow2": "full",
+     "raw": "data", "ro": True, "servers": ("filter", "plugin")},
 ]
 
 
@@ -889,6 +940,10 @@ def summarize(bench):
             target = "p/q>=1.0"
             if s["plugin_qemu"] is not None:
                 verdict = s["plugin_qemu"] >= 1.0
+        elif wid in ("j", "k"):
+            target = "p/q>=1.2"
+            if s["plugin_qemu"] is not None:
+                verdict = s["plugin_qemu"] >= 1.2
         elif wid == "h":
             qi = med.get("qemu-img")
             target = "p<=qemu-img %s" % ("%.2fs" % qi if qi else "n/a")
@@ -906,6 +961,12 @@ def summarize(bench):
             target = "time p/q<=1.0, size p/q<=1.05"
             if s["plugin_qemu"] is not None and s["size_ratio"] is not None:
                 verdict = s["plugin_qemu"] <= 1.0 and s["size_ratio"] <= 1.05
+        elif wid in ("l", "m"):
+            f = med.get("filter")
+            s["filter_plugin"] = f / p if f and p else None
+            target = "filter/plugin>=0.8"
+            if s["filter_plugin"] is not None:
+                verdict = s["filter_plugin"] >= 0.8
         elif wid == "i":
             lim = (c.l2_budget + c.slack) / MiB
             target = "p<=%.0f MiB (L2 %s+%s)" % (
@@ -966,6 +1027,14 @@ def render(bench, summary, header):
     lines.append("Medians of %d repetitions.  IOPS and MiB/s: higher is "
                  "better; s (h) and MiB (i): lower is better." %
                  bench.cfg.reps)
+    for wid in ("l", "m"):
+        if wid in summary:
+            s = summary[wid]
+            lines.append("%s: the filter (--filter=qcow2 file) %s %s, the "
+                         "plugin %s %s: filter/plugin %s." % (
+                             wid, fnum(s["median"].get("filter")), s["unit"],
+                             fnum(s["median"].get("plugin")), s["unit"],
+                             fratio(s.get("filter_plugin"))))
     if "h" in summary:
         lines.append("h: plugin/qemu-nbd/raw columns are nbdcopy from that "
                      "server; qemu-img convert median %s s." %

@@ -17,6 +17,9 @@ if [ -n "$1" ]; then
 fi
 : "${PLUGIN:=$srcdir/.libs/nbdkit-qcow2-plugin.so}"
 export PLUGIN
+# Workloads j and k: the filter built next to the plugin.
+: "${FILTER:=$(dirname "$PLUGIN")/nbdkit-qcow2-filter.so}"
+export FILTER
 
 for prog in nbdkit qemu-nbd qemu-img qemu-io fio nbdcopy "${PYTHON:-python3}"; do
     if ! command -v "$prog" >/dev/null 2>&1; then

@@ -12,6 +12,10 @@
  *  - Relative names are resolved against the directory of the image
  *    that names them, as QEMU does.
  *  - backing=, backing-format= and data-file= override the top image.
+ *  - An NBD name (qcow2-nbd.c) found inside an image is followed only
+ *    with allow-remote-backing=true: an image from elsewhere must not
+ *    make us open network connections.  backing= is always followed.
+ *    An image read from an NBD server may not name local files.
  */
 
 #include <config.h>
@@ -21,6 +25,7 @@
 #include <string.h>
 
 #include "qcow2-internal.h"
+#include "qcow2-nbd.h"
 
 /* name relative to the directory of base, unless it is absolute. */
 static char *
@@ -44,14 +49,21 @@ static int
 open_member (const char *path, const char *fmt, const struct q2_open_opts *opts,
              unsigned depth, struct q2_io **chain, struct q2_image **out)
 {
-  struct q2_io *io = q2_io_file_open (path, true);
+  struct q2_io *io;
   unsigned i;
   int r;
 
+  if (q2_nbd_is_name (path))
+    io = q2_io_nbd_open (path);
+  else
+    io = q2_io_file_open (path, true);
   if (io == NULL)
     return -1;
   for (i = 0; i < depth; i++) {
-    if (chain[i]->dev == io->dev && chain[i]->ino == io->ino) {
+    if (chain[i]->remote || io->remote
+        ? chain[i]->remote && io->remote &&
+          strcmp (chain[i]->name, io->name) == 0
+        : chain[i]->dev == io->dev && chain[i]->ino == io->ino) {
       q2_error ("%s: backing chain loop: this file is already in the chain "
                 "(as %s)", path, chain[i]->name);
       q2_io_close (io);
@@ -75,6 +87,7 @@ q2_open_backing (struct q2_image *img, const struct q2_open_opts *opts,
 {
   const char *name = img->h.backing_name;
   const char *fmt = img->h.backing_format;
+  bool explicit = false;
   char *path;
   int r;
 
@@ -82,6 +95,7 @@ q2_open_backing (struct q2_image *img, const struct q2_open_opts *opts,
     if (strcmp (opts->backing, "none") == 0)
       return 0;
     name = opts->backing;
+    explicit = true;
   }
   if (name == NULL)
     return 0;
@@ -90,8 +104,9 @@ q2_open_backing (struct q2_image *img, const struct q2_open_opts *opts,
   if (fmt == NULL)
     return Q2_FAIL (EINVAL, "%s: the image does not record the format of "
                     "its backing file '%s', and formats are never probed; "
-                    "give backing-format=raw or backing-format=qcow2 "
-                    "(or backing=none)", img->filename, name);
+                    "give %sbacking-format=raw or %sbacking-format=qcow2 "
+                    "(or %sbacking=none)", img->filename, name,
+                    Q2_PREFIX (opts), Q2_PREFIX (opts), Q2_PREFIX (opts));
   if (strcmp (fmt, "raw") != 0 && strcmp (fmt, "qcow2") != 0)
     return Q2_FAIL (ENOTSUP, "%s: backing file '%s' has format '%s'; only "
                     "raw and qcow2 backing files are supported",
@@ -99,6 +114,19 @@ q2_open_backing (struct q2_image *img, const struct q2_open_opts *opts,
   if (depth + 1 >= Q2_MAX_CHAIN)
     return Q2_FAIL (ELOOP, "%s: backing chain is longer than %d images",
                     img->filename, Q2_MAX_CHAIN);
+  if (q2_nbd_is_name (name)) {
+    if (!explicit && !opts->allow_remote_backing)
+      return Q2_FAIL (EPERM, "%s: the backing file '%s' is on an NBD "
+                      "server; network backing names found inside an image "
+                      "are followed only with allow-remote-backing=true "
+                      "(or name the backing explicitly with backing=)",
+                      img->filename, name);
+    return open_member (name, fmt, opts, depth + 1, chain, &img->backing);
+  }
+  if (img->io->remote)
+    return Q2_FAIL (EPERM, "%s: the image is on an NBD server and names "
+                    "the local backing file '%s'; local files named by "
+                    "remote images are never opened", img->filename, name);
   path = resolve (img->filename, name);
   if (path == NULL)
     return Q2_FAIL (ENOMEM, "%s: malloc: %m", img->filename);
@@ -119,14 +147,19 @@ q2_open_data_file (struct q2_image *img, const struct q2_open_opts *opts,
     name = opts->data_file;
   if (!(img->h.incompat & QCOW2_INCOMPAT_DATA_FILE)) {
     if (depth == 0 && opts->data_file)
-      return Q2_FAIL (EINVAL, "%s: data-file= was given, but the image has "
-                      "no external data file", img->filename);
+      return Q2_FAIL (EINVAL, "%s: %sdata-file= was given, but the image "
+                      "has no external data file", img->filename,
+                      Q2_PREFIX (opts));
     return 0;
   }
   if (name == NULL)
     return Q2_FAIL (EINVAL, "%s: the image keeps its data in an external "
-                    "file but does not name it; give data-file=",
-                    img->filename);
+                    "file but does not name it; give %sdata-file=",
+                    img->filename, Q2_PREFIX (opts));
+  if (img->io->remote)
+    return Q2_FAIL (EPERM, "%s: the image is on an NBD server and names "
+                    "the local data file '%s'; local files named by "
+                    "remote images are never opened", img->filename, name);
   path = resolve (img->filename, name);
   if (path == NULL)
     return Q2_FAIL (ENOMEM, "%s: malloc: %m", img->filename);

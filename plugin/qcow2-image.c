@@ -167,7 +167,16 @@ q2_open_qcow2 (struct q2_io *io, const struct q2_open_opts *opts,
   if (!follow && (img->h.incompat & QCOW2_INCOMPAT_DATA_FILE) &&
       img->data_io == img->io) {
     q2_error ("%s: the image keeps its data in an external file; name it "
-              "with data-file=", img->filename);
+              "with %sdata-file=", img->filename, Q2_PREFIX (opts));
+    errno = ENOTSUP;
+    goto fail;
+  }
+  if (!follow && depth == 0 && opts->explicit_backing && !opts->backing &&
+      img->h.backing_name) {
+    q2_error ("%s: the image names the backing file '%s', which is not "
+              "followed; give %sbacking=PATH (or %sbacking=none to read "
+              "without it)", img->filename, img->h.backing_name,
+              Q2_PREFIX (opts), Q2_PREFIX (opts));
     errno = ENOTSUP;
     goto fail;
   }
@@ -325,6 +334,7 @@ q2_features (void)
     "qcow2_extended_l2=yes\n"
     "qcow2_external_data_file=yes\n"
     "qcow2_backing_formats=raw,qcow2\n"
+    "qcow2_backing_nbd=yes\n"
     "qcow2_max_chain=32\n"
     "qcow2_snapshots=read,create,apply,delete\n"
     "qcow2_encryption=aes,luks\n"

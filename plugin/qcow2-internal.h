@@ -22,6 +22,8 @@ extern void q2_debug (const char *fmt, ...)
 /* Report an error and return -1 with errno = err. */
 #define Q2_FAIL(err, ...) \
   (q2_error (__VA_ARGS__), errno = (err), -1)
+/* The front end's parameter prefix for messages (see q2_open_opts). */
+#define Q2_PREFIX(opts) ((opts)->param_prefix ? (opts)->param_prefix : "")
 
 /* ---- file access (qcow2-io.c) ----
  * All file access goes through this small interface so that tests can
@@ -36,6 +38,11 @@ struct q2_io_ops {
   /* Optional: is [off, off+n) backed by data?  Sets *len of the run. */
   int (*data_status) (struct q2_io *io, uint64_t off, uint64_t n,
                       uint64_t *len, bool *is_data);
+  /* Optional, preferred to data_status: Q2_STATUS_* flags of the run
+   * at off, as a server reports them (qcow2-nbd.c).
+   */
+  int (*status) (struct q2_io *io, uint64_t off, uint64_t n,
+                 uint64_t *len, unsigned *flags);
   void (*close) (struct q2_io *io);
 };
 
@@ -44,7 +51,12 @@ struct q2_io {
   char *name;                   /* for messages */
   bool readonly;
   dev_t dev;                    /* identity, for backing loop detection */
+  /* The file cannot grow past its size (an nbdkit plugin's export):
+   * allocate after the last refcounted cluster, not at the end.
+   */
+  bool fixed_size;
   ino_t ino;
+  bool remote;                  /* on an NBD server (qcow2-nbd.c) */
 };
 
 extern struct q2_io *q2_io_file_open (const char *path, bool readonly);
@@ -249,6 +261,8 @@ extern void q2_rc_free (struct q2_image *img);
 extern int q2_rc_get (struct q2_image *img, uint64_t cluster, uint64_t *rc);
 extern int q2_rc_add (struct q2_image *img, uint64_t cluster, int delta);
 extern int q2_rc_flush (struct q2_image *img);
+/* The cluster index past the last cluster with a non-zero refcount. */
+extern int q2_rc_used_end (struct q2_image *img, uint64_t *end);
 /* Give refcount range r a block (growing the table if needed). */
 extern int q2_rc_add_block (struct q2_image *img, uint64_t r);
 

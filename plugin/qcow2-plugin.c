@@ -27,6 +27,7 @@ NBDKIT_DLL_PUBLIC int qcow2_debug_cache = 0;
 extern int q2_debug_map;
 
 static char *filename;
+static char *file_arg;          /* file= as given, resolved later */
 static struct q2_image *image;
 
 static void
@@ -51,6 +52,7 @@ static void
 qcow2_unload (void)
 {
   free (filename);
+  free (file_arg);
   q2_params_free ();
 }
 
@@ -59,10 +61,15 @@ qcow2_config (const char *key, const char *value)
 {
   int r;
 
+  /* Resolved in config_complete: with create=true it need not exist. */
   if (strcmp (key, "file") == 0) {
-    free (filename);
-    filename = nbdkit_realpath (value);
-    return filename ? 0 : -1;
+    free (file_arg);
+    file_arg = strdup (value);
+    if (file_arg == NULL) {
+      nbdkit_error ("strdup: %m");
+      return -1;
+    }
+    return 0;
   }
   r = q2_params_config (key, value);
   if (r == 1) {
@@ -75,11 +82,18 @@ qcow2_config (const char *key, const char *value)
 static int
 qcow2_config_complete (void)
 {
-  if (filename == NULL) {
+  if (file_arg == NULL) {
     nbdkit_error ("you must supply the file=<FILENAME> parameter");
     return -1;
   }
-  return q2_params_complete ();
+  if (q2_params_complete () == -1)
+    return -1;
+  free (filename);
+  if (q2_params.create)
+    filename = q2_params_create_path (file_arg);
+  else
+    filename = nbdkit_realpath (file_arg);
+  return filename ? 0 : -1;
 }
 
 #define qcow2_config_help \
@@ -90,6 +104,7 @@ static void
 qcow2_dump_plugin (void)
 {
   printf ("%s\n", q2_features ());
+  printf ("qcow2_create=yes\n");
 }
 
 /* Open the image once, before any connection.  `-r` is not known yet,
@@ -100,6 +115,8 @@ static int
 qcow2_get_ready (void)
 {
   q2_debug_map = qcow2_debug_map;
+  if (q2_params.create && q2_params_create (filename) == -1)
+    return -1;
   if (q2_open (filename, &q2_params.opts, &image) == -1)
     return -1;
   if (q2_params_snapshot_ops (image) == -1) {

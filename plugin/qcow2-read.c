@@ -247,6 +247,8 @@ raw_status (struct q2_image *img, uint64_t offset, uint64_t count,
   }
   if (*len > img->size - offset)
     *len = img->size - offset;
+  if (img->io->ops->status)
+    return img->io->ops->status (img->io, offset, *len, len, flags);
   if (img->io->ops->data_status &&
       img->io->ops->data_status (img->io, offset, *len, len, &data) == -1)
     return -1;

@@ -147,6 +147,27 @@ q2_rc_get (struct q2_image *img, uint64_t cluster, uint64_t *rc)
   return 0;
 }
 
+int
+q2_rc_used_end (struct q2_image *img, uint64_t *end)
+{
+  uint64_t r, c, rc;
+
+  *end = 0;
+  for (r = img->reftable_entries; r-- > 0; ) {
+    if (img->reftable[r] == 0)
+      continue;
+    for (c = (r + 1) << img->rb_bits; c-- > r << img->rb_bits; ) {
+      if (q2_rc_get (img, c, &rc) == -1)
+        return -1;
+      if (rc) {
+        *end = c + 1;
+        return 0;
+      }
+    }
+  }
+  return 0;
+}
+
 /* ---- adding refcount blocks (and growing the table) ---- */
 
 struct growth {

@@ -153,6 +153,8 @@ begin_write (struct q2_image *img)
     autoclear |= QCOW2_AUTOCLEAR_BITMAPS;
   img->alloc_end = (img->file_size + img->cluster_size - 1)
                    >> img->cluster_bits;
+  if (img->io->fixed_size && q2_rc_used_end (img, &img->alloc_end) == -1)
+    goto fail;
   img->lazy = img->h.compat & QCOW2_COMPAT_LAZY_REFCOUNTS;
   if (img->lazy)
     incompat |= QCOW2_INCOMPAT_DIRTY;

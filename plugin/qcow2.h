@@ -46,6 +46,19 @@ struct q2_open_opts {
   const char *backing_password; /* NULL: use password */
   bool compress;              /* store every write as compressed clusters */
   enum q2_repair repair;        /* top image only */
+  /* Follow NBD backing names found inside images (backing= is always
+   * followed).
+   */
+  bool allow_remote_backing;
+  /* The front end's parameter prefix, for messages ("qcow2-" in the
+   * filter; NULL: none).
+   */
+  const char *param_prefix;
+  /* q2_open_io: refuse an image that names a backing file unless
+   * backing= overrides it (the filter: names in an image are paths on
+   * some other machine).
+   */
+  bool explicit_backing;
 };
 
 /* Block status flags, with the same values as NBD's. */

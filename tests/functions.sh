@@ -54,6 +54,20 @@ test -f "$PLUGIN" || fail "plugin $PLUGIN does not exist (build it first)"
 
 requires nbdkit qemu-img qemu-io nbdcopy cmp
 
+# Plugin or filter.  QCOW2_MODE=filter serves every image through
+# nbdkit-qcow2-filter.so ($FILTER) over nbdkit's file plugin instead of
+# through the plugin, with the qcow2- prefix on its parameters, so that
+# the same tests check both front ends.
+QCOW2_MODE=${QCOW2_MODE:-plugin}
+case $QCOW2_MODE in
+    plugin) ;;
+    filter)
+        : "${FILTER:?FILTER must be set to the path of nbdkit-qcow2-filter.so}"
+        test -f "$FILTER" || fail "filter $FILTER does not exist (build it first)"
+        echo "$progname: serving through the filter" ;;
+    *) fail "QCOW2_MODE must be plugin or filter, not '$QCOW2_MODE'" ;;
+esac
+
 # ---------------------------------------------------------------------
 # Temporary directory and clean-up.
 
@@ -239,6 +253,59 @@ assert_nonzero ()
 
 _plugin_seq=0
 
+# _image_names IMG: print the backing file and the external data file
+# that IMG names (absolute; empty lines if none), as qemu-img sees them.
+_image_names ()
+{
+    qemu-img info --output=json "$1" 2>/dev/null |
+        /usr/bin/python3 -c '
+import json, os, sys
+try:
+    i = json.load(sys.stdin)
+except ValueError:
+    i = {}
+d = os.path.dirname(os.path.abspath(sys.argv[1]))
+b = i.get("full-backing-filename") or i.get("backing-filename") or ""
+f = i.get("format-specific", {}).get("data", {}).get("data-file") or ""
+print(os.path.join(d, b) if b else "")
+print(os.path.join(d, f) if f else "")' "$1" || true
+}
+
+# serve_args IMG [plugin args...]: set SERVE to the nbdkit arguments
+# that serve IMG with those parameters (IMG may be empty: no file=).
+# In filter mode the parameters get the qcow2- prefix, and since the
+# filter follows no file an image names, the backing and data files
+# qemu-img finds are passed explicitly unless the arguments name them.
+serve_args ()
+{
+    local img=$1 a have_backing=0 have_data=0
+    shift
+    if [ "$QCOW2_MODE" = plugin ]; then
+        SERVE=("$PLUGIN")
+        [ -z "$img" ] || SERVE+=(file="$img")
+        SERVE+=("$@")
+        return
+    fi
+    SERVE=(--filter="$FILTER" file)
+    [ -z "$img" ] || SERVE+=(file="$img")
+    for a in "$@"; do
+        case $a in
+            -*|file=*) SERVE+=("$a") ;;
+            backing=*) have_backing=1; SERVE+=("qcow2-$a") ;;
+            data-file=*) have_data=1; SERVE+=("qcow2-$a") ;;
+            *) SERVE+=("qcow2-$a") ;;
+        esac
+    done
+    if [ -n "$img" ] && [ -f "$img" ]; then
+        local names b d
+        names=$(_image_names "$img")
+        b=$(echo "$names" | sed -n 1p)
+        d=$(echo "$names" | sed -n 2p)
+        [ "$have_backing" = 1 ] || [ -z "$b" ] || SERVE+=(qcow2-backing="$b")
+        [ "$have_data" = 1 ] || [ -z "$d" ] || SERVE+=(qcow2-data-file="$d")
+    fi
+}
+
 # run_plugin [-w] IMG [plugin args...] -- COMMAND: serve IMG through the
 # plugin (read-only unless -w) and run COMMAND (with $uri) against it.
 # nbdkit's stderr is saved in $tmp/nbdkit.N.log and shown on failure.
@@ -254,10 +321,11 @@ run_plugin ()
     shift
     _plugin_seq=$(( _plugin_seq + 1 ))
     local log=$tmp/nbdkit.$_plugin_seq.log r=0
-    timeout 600 nbdkit -U - $ro "$PLUGIN" file="$img" "${args[@]}" \
+    serve_args "$img" "${args[@]}"
+    timeout 600 nbdkit -U - $ro "${SERVE[@]}" \
         --run "$*" 2>"$log" || r=$?
     if [ $r -ne 0 ]; then
-        echo "--- nbdkit ${ro} $PLUGIN file=$img ${args[*]} --run '$*' exited $r; stderr:" >&2
+        echo "--- nbdkit ${ro} ${SERVE[*]} --run '$*' exited $r; stderr:" >&2
         cat "$log" >&2
         return $r
     fi
@@ -456,10 +524,8 @@ expect_refused ()
     shift 2
     _plugin_seq=$(( _plugin_seq + 1 ))
     local log=$tmp/refused.$_plugin_seq.log r=0
-    if [ -n "$img" ]; then
-        set -- file="$img" "$@"
-    fi
-    timeout 120 nbdkit -U - -r "$PLUGIN" "$@" \
+    serve_args "$img" "$@"
+    timeout 120 nbdkit -U - -r "${SERVE[@]}" \
         --run 'nbdinfo --size "$uri"' >"$log" 2>&1 || r=$?
     if [ $r -eq 0 ]; then
         cat "$log" >&2

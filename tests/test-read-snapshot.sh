@@ -90,7 +90,8 @@ for opts in compat=1.1,cluster_size=65536 compat=0.10,cluster_size=4096 \
     # read-only; writes must fail and the file must not change.
     before=$(sha "$img")
     r=0
-    timeout 120 nbdkit -U - "$PLUGIN" file="$img" snapshot=first --run '
+    serve_args "$img" snapshot=first
+    timeout 120 nbdkit -U - "${SERVE[@]}" --run '
         /usr/bin/nbdsh -u "$uri" -c "
 import sys
 ro = h.is_read_only()
