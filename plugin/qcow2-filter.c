@@ -547,6 +547,7 @@ qcow2_get_size (nbdkit_next *next, void *handle)
 
 /* The plugin's minimum passes up, so that a client never makes the
  * layer split requests more finely than the plugin can take them.
+ * With qcow2-compress=true the cluster size is the preferred size.
  */
 static int
 qcow2_block_size (nbdkit_next *next, void *handle,
@@ -554,6 +555,17 @@ qcow2_block_size (nbdkit_next *next, void *handle,
 {
   if (shared->block_size (shared, minimum, preferred, maximum) == -1)
     return -1;
+  if (q2_params.opts.compress && image) {
+    /* qcow2-compress=true: whole clusters need no read-modify-write. */
+    uint32_t cs = q2_cluster_size (image);
+
+    if (*minimum < 1)
+      *minimum = 1;
+    if (*preferred < cs)
+      *preferred = cs;
+    *maximum = 0xffffffff;
+    return 0;
+  }
   if (*minimum <= 1) {
     *minimum = *preferred = *maximum = 0;   /* no constraints */
     return 0;
