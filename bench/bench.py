@@ -68,8 +68,8 @@ class Config:
                                    str(self.runtime)))
         self.seed = int(get("SEED", "20261124", "20261124"))
         self.workloads = [w.strip() for w in
-                          get("WORKLOADS", "a,b,c,d,e,f,g,h,i,j,k,l,m,cz",
-                              "a,b,c,d,e,f,g,h,i,j,k,l,m,cz").split(",")
+                          get("WORKLOADS", "a,b,c,d,e,f,g,h,i,j,k,l,m,cz,cp",
+                              "a,b,c,d,e,f,g,h,i,j,k,l,m,cz,cp").split(",")
                           if w.strip()]
         self.standin = e.get("STANDIN", "")
         self.plugin = e.get("PLUGIN", "")
@@ -407,7 +407,7 @@ class Bench:
         c = self.cfg
         rng = random.Random(c.seed)
         t0 = time.time()
-        if need & set(["a", "b", "c", "f", "g", "h", "cz", "l", "m"]):
+        if need & set(["a", "b", "c", "f", "g", "h", "cz", "cp", "l", "m"]):
             self.make_data(rng)
         if need & set("abgfhlm"):
             log("prep: full.qcow2 (qemu-img convert -O qcow2)")
@@ -762,18 +762,20 @@ class Bench:
                     dst.write(chunk)
             dst.truncate(c.size)
 
-    def compress_copy_workload(self):
-        """nbdcopy --flush of a mixed raw disk into a fresh qcow2 made by
-        qemu-img create: the plugin with compress=true against qemu-nbd
-        through qemu's compress driver (what virt-v2v -oo compressed
-        runs), and nbdkit's file plugin on a sparse raw file (the limit,
-        without compression).  Seconds, and the size of the output."""
+    def compress_copy_workload(self, wid="cz", compress=True):
+        """virt-v2v's output pipeline: nbdcopy --flush of a mixed raw
+        disk into a new qcow2.  The plugin creates the image itself
+        (create=true); qemu-nbd serves one made by qemu-img create (not
+        timed).  cz: with compression (the plugin's compress=true
+        against qemu's compress driver, as virt-v2v -oo compressed
+        runs); cp: without.  nbdkit's file plugin on a sparse raw file
+        is the limit.  Seconds, and the size of the output."""
         c = self.cfg
-        wid = "cz"
+        what = "compressed" if compress else "new"
         self.results[wid] = {
-            "name": "nbdcopy into compressed qcow2 (seconds)",
+            "name": "nbdcopy into %s qcow2 (seconds)" % what,
             "unit": "s", "better": "lower", "runs": {}}
-        log("workload cz: nbdcopy into a compressed qcow2")
+        log("workload %s: nbdcopy into a %s qcow2" % (wid, what))
         if "mixed" not in self.img:
             self.make_mixed()
         src = self.img["mixed"]
@@ -782,16 +784,18 @@ class Bench:
         for rep in range(c.reps):
             for kind in self.order(rep, self.SERVERS):
                 srv = None
-                out = self.path("cz-out." + ("raw" if kind == "raw"
-                                             else "qcow2"))
+                out = self.path("%s-out.%s" % (
+                    wid, "raw" if kind == "raw" else "qcow2"))
                 try:
+                    if os.path.exists(out):
+                        os.unlink(out)
                     if kind == "raw":
                         with open(out, "wb") as f:
                             f.truncate(c.size)
-                    else:
+                    elif kind == "qemu" or c.standin:
                         run(["qemu-img", "create", "-f", "qcow2", out,
                              str(c.size)])
-                    srv = self.start_compressed(kind, out)
+                    srv = self.start_compressed(kind, out, compress)
                     cmd = ["nbdcopy", "--flush", src, srv.uri()]
                     t0 = time.monotonic()
                     r = self.run_tool(cmd, 900)
@@ -810,8 +814,8 @@ class Bench:
                             ["qemu-img", "compare", "-q", "-f", "raw", "-F",
                              "qcow2", src, out])
                         if r.returncode != 0:
-                            raise RuntimeError("the compressed copy differs "
-                                               "from the source")
+                            raise RuntimeError("the copy differs from the "
+                                               "source")
                     self.record(wid, kind, rep, dt, {"size": size})
                 except Exception as e:
                     self.record(wid, kind, rep, None, error=str(e))
@@ -821,16 +825,21 @@ class Bench:
                     if os.path.exists(out):
                         os.unlink(out)
 
-    def start_compressed(self, kind, img):
-        """A server writing compressed clusters into IMG (raw: plain)."""
+    def start_compressed(self, kind, img, compress=True):
+        """A server writing into IMG: the plugin creates it (and with
+        compress, writes compressed clusters), qemu-nbd through the
+        compress driver (without compress: plainly), raw plainly."""
         if kind == "plugin" and not self.cfg.standin:
             saved = self.cfg.plugin_args
-            self.cfg.plugin_args = saved + ["compress=true"]
+            self.cfg.plugin_args = saved + ["create=true",
+                                            "size=%d" % self.cfg.size]
+            if compress:
+                self.cfg.plugin_args.append("compress=true")
             try:
                 return self.start(kind, img, False)
             finally:
                 self.cfg.plugin_args = saved
-        if kind != "qemu":
+        if kind != "qemu" or not compress:
             return self.start(kind, img, False)
         if self.dirty:
             self.sync_files()
@@ -950,7 +959,7 @@ def summarize(bench):
             if p and qi:
                 verdict = p <= qi
                 s["plugin_qemuimg"] = p / qi
-        elif wid == "cz":
+        elif wid in ("cz", "cp"):
             sizes = {k: statistics.median([r["size"] for r in v
                                            if r.get("size")])
                      for k, v in res["runs"].items()
@@ -1039,14 +1048,18 @@ def render(bench, summary, header):
         lines.append("h: plugin/qemu-nbd/raw columns are nbdcopy from that "
                      "server; qemu-img convert median %s s." %
                      fnum(summary["h"]["median"].get("qemu-img"), "s"))
-    if "cz" in summary:
-        sz = summary["cz"].get("sizes", {})
-        lines.append("cz: output file size (median) plugin %s, qemu-nbd "
-                     "(compress driver) %s, raw (allocated) %s; size p/q "
-                     "%s." % tuple(
-                         ["%.1f MiB" % (sz[k] / MiB) if sz.get(k) else "n/a"
-                          for k in ("plugin", "qemu", "raw")] +
-                         [fratio(summary["cz"].get("size_ratio"))]))
+    for wid in ("cz", "cp"):
+        if wid not in summary:
+            continue
+        sz = summary[wid].get("sizes", {})
+        mib = ["%.1f MiB" % (sz[k] / MiB) if sz.get(k) else "n/a"
+               for k in ("plugin", "qemu", "raw")]
+        lines.append("%s: output file size (median) plugin %s, qemu-nbd%s "
+                     "%s, raw (allocated) %s; size p/q %s." % (
+                         wid, mib[0],
+                         " (compress driver)" if wid == "cz" else "",
+                         mib[1], mib[2],
+                         fratio(summary[wid].get("size_ratio"))))
     lines.append("")
     lines.append("Ratio plot (| or + marks 1.0, full width = 2.5x; for h "
                  "and i lower is better):")
@@ -1158,7 +1171,9 @@ def main():
         if "i" in need:
             bench.mem_workload()
         if "cz" in need:
-            bench.compress_copy_workload()
+            bench.compress_copy_workload("cz", True)
+        if "cp" in need:
+            bench.compress_copy_workload("cp", False)
     finally:
         bench.cleanup()
 
