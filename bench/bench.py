@@ -68,8 +68,8 @@ class Config:
                                    str(self.runtime)))
         self.seed = int(get("SEED", "20261124", "20261124"))
         self.workloads = [w.strip() for w in
-                          get("WORKLOADS", "a,b,c,d,e,f,g,h,i,j,k,l,m,cz,cp",
-                              "a,b,c,d,e,f,g,h,i,j,k,l,m,cz,cp").split(",")
+                          get("WORKLOADS", "a,b,c,d,e,f,g,h,i,j,k,l,m,cz,n,o,p,cv",
+                              "a,b,c,d,e,f,g,h,i,j,k,l,m,cz,n,o,p,cv").split(",")
                           if w.strip()]
         self.standin = e.get("STANDIN", "")
         self.plugin = e.get("PLUGIN", "")
@@ -258,17 +258,56 @@ class Bench:
         raise RuntimeError("server not ready after %ds: %s" %
                            (timeout, tail(logpath)))
 
-    def qemu_cmd(self, img, ro, sock):
+    def qemu_cmd(self, img, ro, sock, enc=False):
         cmd = ["qemu-nbd", "-f", "qcow2", "--cache=writeback",
                "--aio=threads", "--shared=16", "--persistent",
                "--socket=" + sock]
         if ro:
             cmd.append("--read-only")
+        if enc:
+            # An encrypted image: the secret, and the image as options.
+            cmd.remove("-f")
+            cmd.remove("qcow2")
+            return cmd + ["--object", "secret,id=s0,file=" + self.pwfile(),
+                          "--image-opts",
+                          "driver=qcow2,file.filename=%s,"
+                          "encrypt.key-secret=s0" % img]
         return cmd + [img]
 
-    def start(self, kind, img, ro, extra_args=()):
+    def pwfile(self):
+        """The password of the encrypted (LUKS) images."""
+        path = self.path("luks.pw")
+        if not os.path.exists(path):
+            with open(path, "w") as f:
+                f.write("bench-secret")
+        return path
+
+    def make_luks(self, path, src=None, size=None):
+        """A LUKS (aes-256-xts-plain64) qcow2 image, converted from src
+        or empty of the given size.  qemu-img with LUKS fails now and then
+        under load ("Unable to get accurate CPU usage"): retry."""
+        sec = ["--object", "secret,id=s0,file=" + self.pwfile(), "-o",
+               "encrypt.format=luks,encrypt.key-secret=s0,"
+               "encrypt.iter-time=100"]
+        if src:
+            cmd = ["qemu-img", "convert", "-f", "raw", "-O", "qcow2"] + \
+                sec + [src, path]
+        else:
+            cmd = ["qemu-img", "create", "-q", "-f", "qcow2"] + sec + \
+                [path, str(size)]
+        for i in range(8):
+            try:
+                run(cmd)
+                return
+            except Exception:
+                if i == 7:
+                    raise
+                time.sleep(0.2)
+
+    def start(self, kind, img, ro, extra_args=(), enc=False):
         """Start server KIND on IMG; ro: export read-only; extra_args:
-        more plugin parameters (the plugin only)."""
+        more plugin parameters (the plugin only); enc: the image is
+        encrypted with the password of pwfile()."""
         # Write back dirty pages left by earlier runs (and image
         # preparation) now, outside the timing, not during this run.
         if self.dirty:
@@ -283,7 +322,7 @@ class Bench:
         self.live.append(srv)
         try:
             if kind == "qemu":
-                procs.append(self.spawn(self.qemu_cmd(img, ro, sock),
+                procs.append(self.spawn(self.qemu_cmd(img, ro, sock, enc),
                                         logpath))
             elif kind == "raw":
                 procs.append(self.spawn(
@@ -313,7 +352,8 @@ class Bench:
                 procs.append(self.spawn(
                     ["nbdkit", "-f", "-U", sock] + rflag +
                     [self.cfg.plugin, "file=" + img] + self.cfg.plugin_args +
-                    list(extra_args),
+                    list(extra_args) +
+                    (["password=+" + self.pwfile()] if enc else []),
                     logpath))
             self.write_pids()
             self.wait_ready(procs[-1], sock, logpath)
@@ -407,7 +447,7 @@ class Bench:
         c = self.cfg
         rng = random.Random(c.seed)
         t0 = time.time()
-        if need & set(["a", "b", "c", "f", "g", "h", "cz", "cp", "l", "m"]):
+        if need & set(["a", "b", "c", "f", "g", "h", "cz", "l", "m", "n", "p", "cv"]):
             self.make_data(rng)
         if need & set("abgfhlm"):
             log("prep: full.qcow2 (qemu-img convert -O qcow2)")
@@ -426,6 +466,10 @@ class Bench:
             self.img["ow_raw"] = self.path("ow.raw")
             shutil.copyfile(self.img["full"], self.img["ow"])
             shutil.copyfile(self.img["data"], self.img["ow_raw"])
+        if need & set(["n", "p"]):
+            log("prep: luks.qcow2 (qemu-img convert, LUKS aes-256-xts)")
+            self.img["luks"] = self.path("luks.qcow2")
+            self.make_luks(self.img["luks"], src=self.img["data"])
         if "g" in need:
             self.make_chain(rng)
         if "i" in need:
@@ -642,14 +686,18 @@ class Bench:
                                 f.truncate(c.wsize)
                         else:
                             tmp = self.path("fresh.qcow2")
-                            run(["qemu-img", "create", "-f", "qcow2", tmp,
-                                 str(c.wsize)])
+                            if wl.get("enc"):
+                                self.make_luks(tmp, size=c.wsize)
+                            else:
+                                run(["qemu-img", "create", "-f", "qcow2",
+                                     tmp, str(c.wsize)])
                         img = tmp
                     else:
                         img = self.img[wl["qcow2" if kind != "raw"
                                           else "raw"]]
                     srv = self.start(kind, img, wl["ro"],
-                                     wl.get("plugin_args", ()))
+                                     wl.get("plugin_args", ()),
+                                     wl.get("enc", False) and kind != "raw")
                     self.dirty = self.dirty or not wl["ro"]
                     m = self.fio(srv, wl)
                     self.record(wid, kind, rep, m[wl["metric"]], m)
@@ -762,20 +810,18 @@ class Bench:
                     dst.write(chunk)
             dst.truncate(c.size)
 
-    def compress_copy_workload(self, wid="cz", compress=True):
-        """virt-v2v's output pipeline: nbdcopy --flush of a mixed raw
-        disk into a new qcow2.  The plugin creates the image itself
-        (create=true); qemu-nbd serves one made by qemu-img create (not
-        timed).  cz: with compression (the plugin's compress=true
-        against qemu's compress driver, as virt-v2v -oo compressed
-        runs); cp: without.  nbdkit's file plugin on a sparse raw file
-        is the limit.  Seconds, and the size of the output."""
+    def compress_copy_workload(self):
+        """nbdcopy --flush of a mixed raw disk into a fresh qcow2 made by
+        qemu-img create: the plugin with compress=true against qemu-nbd
+        through qemu's compress driver (what virt-v2v -oo compressed
+        runs), and nbdkit's file plugin on a sparse raw file (the limit,
+        without compression).  Seconds, and the size of the output."""
         c = self.cfg
-        what = "compressed" if compress else "new"
+        wid = "cz"
         self.results[wid] = {
-            "name": "nbdcopy into %s qcow2 (seconds)" % what,
+            "name": "nbdcopy into compressed qcow2 (seconds)",
             "unit": "s", "better": "lower", "runs": {}}
-        log("workload %s: nbdcopy into a %s qcow2" % (wid, what))
+        log("workload cz: nbdcopy into a compressed qcow2")
         if "mixed" not in self.img:
             self.make_mixed()
         src = self.img["mixed"]
@@ -784,18 +830,16 @@ class Bench:
         for rep in range(c.reps):
             for kind in self.order(rep, self.SERVERS):
                 srv = None
-                out = self.path("%s-out.%s" % (
-                    wid, "raw" if kind == "raw" else "qcow2"))
+                out = self.path("cz-out." + ("raw" if kind == "raw"
+                                             else "qcow2"))
                 try:
-                    if os.path.exists(out):
-                        os.unlink(out)
                     if kind == "raw":
                         with open(out, "wb") as f:
                             f.truncate(c.size)
-                    elif kind == "qemu" or c.standin:
+                    else:
                         run(["qemu-img", "create", "-f", "qcow2", out,
                              str(c.size)])
-                    srv = self.start_compressed(kind, out, compress)
+                    srv = self.start_compressed(kind, out)
                     cmd = ["nbdcopy", "--flush", src, srv.uri()]
                     t0 = time.monotonic()
                     r = self.run_tool(cmd, 900)
@@ -814,8 +858,8 @@ class Bench:
                             ["qemu-img", "compare", "-q", "-f", "raw", "-F",
                              "qcow2", src, out])
                         if r.returncode != 0:
-                            raise RuntimeError("the copy differs from the "
-                                               "source")
+                            raise RuntimeError("the compressed copy differs "
+                                               "from the source")
                     self.record(wid, kind, rep, dt, {"size": size})
                 except Exception as e:
                     self.record(wid, kind, rep, None, error=str(e))
@@ -825,21 +869,83 @@ class Bench:
                     if os.path.exists(out):
                         os.unlink(out)
 
-    def start_compressed(self, kind, img, compress=True):
-        """A server writing into IMG: the plugin creates it (and with
-        compress, writes compressed clusters), qemu-nbd through the
-        compress driver (without compress: plainly), raw plainly."""
+    # -- cv, cvz: virt-v2v's output pipeline, image creation included ----
+
+    def create_pipeline_workload(self):
+        """virt-v2v's qcow2 output end to end: create the image, serve
+        it, nbdcopy --flush the mixed disk into it, stop the server.
+        The plugin does it all with create=true (cvz: and compress=true);
+        qemu runs qemu-img create, then qemu-nbd (cvz: through the
+        compress driver).  Seconds from before the creation until the
+        server has exited; also the setup time (creation and server
+        start) and the output size."""
+        c = self.cfg
+        if "mixed" not in self.img:
+            self.make_mixed()
+        src = self.img["mixed"]
+        self.warm(src)
+        for wid, compress in (("cv", False), ("cvz", True)):
+            self.results[wid] = {
+                "name": "create + nbdcopy%s (seconds)" % (
+                    ", compressed" if compress else ""),
+                "unit": "s", "better": "lower", "runs": {}}
+            log("workload %s: create=true and nbdcopy%s" % (
+                wid, " with compression" if compress else ""))
+            self.last_record = time.monotonic()
+            for rep in range(c.reps):
+                for kind in self.order(rep, ("plugin", "qemu")):
+                    srv = None
+                    out = self.path(wid + "-out.qcow2")
+                    try:
+                        t0 = time.monotonic()
+                        if kind == "plugin":
+                            extra = ["create=true", "size=%d" % c.size]
+                            if compress:
+                                extra.append("compress=true")
+                            srv = self.start(kind, out, False, extra)
+                        else:
+                            run(["qemu-img", "create", "-q", "-f", "qcow2",
+                                 out, str(c.size)])
+                            srv = (self.start_compressed(kind, out)
+                                   if compress else
+                                   self.start(kind, out, False))
+                        setup = time.monotonic() - t0
+                        r = self.run_tool(["nbdcopy", "--flush", src,
+                                           srv.uri()], 900)
+                        if r.returncode != 0:
+                            raise RuntimeError("nbdcopy failed (%d): %s" % (
+                                r.returncode, r.stdout[-300:]))
+                        self.stop(srv)
+                        srv = None
+                        dt = time.monotonic() - t0
+                        size = os.path.getsize(out)
+                        if rep == 0:
+                            r = subprocess.run(
+                                ["qemu-img", "compare", "-q", "-f", "raw",
+                                 "-F", "qcow2", src, out])
+                            if r.returncode != 0:
+                                raise RuntimeError("the copy differs from "
+                                                   "the source")
+                        self.record(wid, kind, rep, dt,
+                                    {"size": size, "setup": setup})
+                    except Exception as e:
+                        self.record(wid, kind, rep, None, error=str(e))
+                    finally:
+                        if srv:
+                            self.stop(srv, discard=True)
+                        if os.path.exists(out):
+                            os.unlink(out)
+
+    def start_compressed(self, kind, img):
+        """A server writing compressed clusters into IMG (raw: plain)."""
         if kind == "plugin" and not self.cfg.standin:
             saved = self.cfg.plugin_args
-            self.cfg.plugin_args = saved + ["create=true",
-                                            "size=%d" % self.cfg.size]
-            if compress:
-                self.cfg.plugin_args.append("compress=true")
+            self.cfg.plugin_args = saved + ["compress=true"]
             try:
                 return self.start(kind, img, False)
             finally:
                 self.cfg.plugin_args = saved
-        if kind != "qemu" or not compress:
+        if kind != "qemu":
             return self.start(kind, img, False)
         if self.dirty:
             self.sync_files()
@@ -919,6 +1025,16 @@ FIO_WORKLOADS = [
     {"id": "m", "name": "1M seq read, allocated, filter vs plugin",
      "rw": "read", "bs": "1M", "metric": "mibs", "qcow2": "full",
      "raw": "data", "ro": True, "servers": ("filter", "plugin")},
+    # Encrypted (LUKS aes-256-xts-plain64); qemu-nbd gets the secret.
+    {"id": "n", "name": "1M seq read, LUKS aes-256-xts", "rw": "read",
+     "bs": "1M", "metric": "mibs", "qcow2": "luks", "raw": "data",
+     "ro": True, "enc": True},
+    {"id": "o", "name": "1M seq write, LUKS, allocating (fresh)",
+     "rw": "write", "bs": "1M", "metric": "mibs", "fresh": True,
+     "ro": False, "timed": False, "enc": True},
+    {"id": "p", "name": "4k random read, LUKS aes-256-xts",
+     "rw": "randread", "bs": "4k", "metric": "iops", "qcow2": "luks",
+     "raw": "data", "ro": True, "enc": True},
 ]
 
 
@@ -945,6 +1061,10 @@ def summarize(bench):
             target = "p/q>=1.5, p/raw>=0.7"
             if s["plugin_qemu"] is not None and s["plugin_raw"] is not None:
                 verdict = s["plugin_qemu"] >= 1.5 and s["plugin_raw"] >= 0.7
+        elif wid in ("n", "o"):
+            target = "p/q>=1.2"
+            if s["plugin_qemu"] is not None:
+                verdict = s["plugin_qemu"] >= 1.2
         elif wid in "bcdef":
             target = "p/q>=1.0"
             if s["plugin_qemu"] is not None:
@@ -959,7 +1079,15 @@ def summarize(bench):
             if p and qi:
                 verdict = p <= qi
                 s["plugin_qemuimg"] = p / qi
-        elif wid in ("cz", "cp"):
+        elif wid == "cv":
+            target = "time p/q<=1.0"
+            if s["plugin_qemu"] is not None:
+                verdict = s["plugin_qemu"] <= 1.0
+            s["setup"] = {k: statistics.median([r["setup"] for r in v
+                                                if r.get("setup") is not None])
+                          for k, v in res["runs"].items()
+                          if any(r.get("setup") is not None for r in v)}
+        elif wid in ("cz", "cvz"):
             sizes = {k: statistics.median([r["size"] for r in v
                                            if r.get("size")])
                      for k, v in res["runs"].items()
@@ -1048,18 +1176,19 @@ def render(bench, summary, header):
         lines.append("h: plugin/qemu-nbd/raw columns are nbdcopy from that "
                      "server; qemu-img convert median %s s." %
                      fnum(summary["h"]["median"].get("qemu-img"), "s"))
-    for wid in ("cz", "cp"):
-        if wid not in summary:
-            continue
-        sz = summary[wid].get("sizes", {})
-        mib = ["%.1f MiB" % (sz[k] / MiB) if sz.get(k) else "n/a"
-               for k in ("plugin", "qemu", "raw")]
-        lines.append("%s: output file size (median) plugin %s, qemu-nbd%s "
-                     "%s, raw (allocated) %s; size p/q %s." % (
-                         wid, mib[0],
-                         " (compress driver)" if wid == "cz" else "",
-                         mib[1], mib[2],
-                         fratio(summary[wid].get("size_ratio"))))
+    if "cv" in summary:
+        su = summary["cv"].get("setup", {})
+        lines.append("cv: setup (creation and server start, median) plugin "
+                     "create=true %s s, qemu-img create + qemu-nbd %s s." %
+                     tuple(fnum(su.get(k), "s") for k in ("plugin", "qemu")))
+    if "cz" in summary:
+        sz = summary["cz"].get("sizes", {})
+        lines.append("cz: output file size (median) plugin %s, qemu-nbd "
+                     "(compress driver) %s, raw (allocated) %s; size p/q "
+                     "%s." % tuple(
+                         ["%.1f MiB" % (sz[k] / MiB) if sz.get(k) else "n/a"
+                          for k in ("plugin", "qemu", "raw")] +
+                         [fratio(summary["cz"].get("size_ratio"))]))
     lines.append("")
     lines.append("Ratio plot (| or + marks 1.0, full width = 2.5x; for h "
                  "and i lower is better):")
@@ -1171,9 +1300,9 @@ def main():
         if "i" in need:
             bench.mem_workload()
         if "cz" in need:
-            bench.compress_copy_workload("cz", True)
-        if "cp" in need:
-            bench.compress_copy_workload("cp", False)
+            bench.compress_copy_workload()
+        if "cv" in need:
+            bench.create_pipeline_workload()
     finally:
         bench.cleanup()
 

@@ -118,12 +118,13 @@ q2_open_backing (struct q2_image *img, const struct q2_open_opts *opts,
     if (!explicit && !opts->allow_remote_backing)
       return Q2_FAIL (EPERM, "%s: the backing file '%s' is on an NBD "
                       "server; network backing names found inside an image "
-                      "are followed only with allow-remote-backing=true "
-                      "(or name the backing explicitly with backing=)",
-                      img->filename, name);
+                      "are followed only with %sallow-remote-backing=true "
+                      "(or name the backing explicitly with %sbacking=)",
+                      img->filename, name, Q2_PREFIX (opts),
+                      Q2_PREFIX (opts));
     return open_member (name, fmt, opts, depth + 1, chain, &img->backing);
   }
-  if (img->io->remote)
+  if (img->io->remote && !explicit)
     return Q2_FAIL (EPERM, "%s: the image is on an NBD server and names "
                     "the local backing file '%s'; local files named by "
                     "remote images are never opened", img->filename, name);
@@ -156,7 +157,7 @@ q2_open_data_file (struct q2_image *img, const struct q2_open_opts *opts,
     return Q2_FAIL (EINVAL, "%s: the image keeps its data in an external "
                     "file but does not name it; give %sdata-file=",
                     img->filename, Q2_PREFIX (opts));
-  if (img->io->remote)
+  if (img->io->remote && !(depth == 0 && opts->data_file))
     return Q2_FAIL (EPERM, "%s: the image is on an NBD server and names "
                     "the local data file '%s'; local files named by "
                     "remote images are never opened", img->filename, name);

@@ -31,7 +31,9 @@
  *  - fresh structures: write a new refcount table and blocks past the
  *    end of the file, flush, switch the header to them with one write,
  *    flush, then fix the COPIED flags and flush.
- * The caller clears the dirty bit afterwards (q2_repair_dirty).
+ * Before the first of these writes the dirty bit is set (v3), so that
+ * an interrupted repair is redone by the next read-write open, ours or
+ * QEMU's; the caller clears it at the end (q2_check_before_write).
  */
 
 #include <config.h>
@@ -187,6 +189,11 @@ walk_l2 (struct chk *ck, uint64_t l2_off)
                         "external data file", l2_off + j * img->l2e_size);
       q2_cdesc_decode (ck->cb, e & ~(QCOW_OFLAG_COPIED |
                                      QCOW_OFLAG_COMPRESSED), &host, &len);
+      /* The sector count is rounded up: the last compressed cluster
+       * may claim a few bytes past the end of the file.
+       */
+      if (host < img->file_size && len > img->file_size - host)
+        len = img->file_size - host;
       if (ref (ck, host, len, K_DATA, "compressed cluster") == -1)
         return -1;
       continue;
@@ -661,6 +668,21 @@ rebuild (struct chk *ck)
 
 /* ---- entry points ---- */
 
+static int
+mark_dirty (struct q2_image *img)
+{
+  uint8_t b[8];
+
+  if (img->h.version < 3 || (img->h.incompat & QCOW2_INCOMPAT_DIRTY))
+    return 0;
+  put_be64 (b, img->h.incompat | QCOW2_INCOMPAT_DIRTY);
+  if (q2_write_file (img, b, 8, QH_INCOMPAT) == -1 ||
+      img->io->ops->flush (img->io) == -1)
+    return -1;
+  img->h.incompat |= QCOW2_INCOMPAT_DIRTY;
+  return 0;
+}
+
 static void
 chk_free (struct chk *ck)
 {
@@ -755,6 +777,12 @@ q2_check (struct q2_image *img, bool repair, struct q2_check_result *res)
     goto out;
   }
 
+  /* From here a crash leaves the image half repaired: mark it dirty,
+   * so that the next read-write open (ours by default, or QEMU's)
+   * repairs it again.  v2 has no dirty bit.
+   */
+  if (mark_dirty (img) == -1)
+    goto out;
   if (blocks_suffice (&ck)) {
     if (fix_in_place (&ck, true, &res->errors_fixed) == -1 ||
         copied_flags (&ck, CP_CLEAR, &copied) == -1 ||

@@ -26,6 +26,7 @@
 
 #include "qcow2-internal.h"
 #include "qcow2-create.h"
+#include "qcow2-nbd.h"
 
 #define DEFAULT_CLUSTER_SIZE (64 * 1024)
 #define V3_HEADER_LENGTH 112
@@ -48,36 +49,36 @@ log2u (uint64_t x)
   return n;
 }
 
-/* Virtual size of the backing file, which must exist and be of the
- * given format.
+/* Virtual size of the backing file (a file, or an NBD export), which
+ * must exist and be of the given format.
  */
 static int
-backing_size (const char *path, const char *fmt, uint64_t *size)
+backing_size (const char *name, const char *fmt, uint64_t *size)
 {
-  int fd = open (path, O_RDONLY | O_CLOEXEC);
+  struct q2_io *io = q2_nbd_is_name (name) ? q2_io_nbd_open (name)
+    : q2_io_file_open (name, true);
   int r = 0;
 
-  if (fd == -1)
-    return Q2_FAIL (errno, "backing file %s: %m", path);
+  if (io == NULL)
+    return Q2_FAIL (errno, "backing file %s: cannot be opened: %m", name);
   if (strcmp (fmt, "raw") == 0) {
-    off_t end = lseek (fd, 0, SEEK_END);
-    if (end == -1)
-      r = Q2_FAIL (errno, "backing file %s: seek: %m", path);
+    int64_t n = q2_io_size (io);
+    if (n == -1)
+      r = -1;
     else
-      *size = end;
+      *size = n;
   }
   else {
     uint8_t b[32];
-    ssize_t n = pread (fd, b, sizeof b, 0);
-    if (n == -1)
-      r = Q2_FAIL (errno, "backing file %s: read: %m", path);
-    else if (n < (ssize_t) sizeof b || get_be32 (b) != QCOW2_MAGIC)
+    if (q2_io_pread (io, b, sizeof b, 0) == -1)
+      r = -1;
+    else if (get_be32 (b) != QCOW2_MAGIC)
       r = Q2_FAIL (EINVAL, "backing file %s is not a qcow2 image "
-                   "(backing-format=qcow2)", path);
+                   "(backing-format=qcow2)", name);
     else
       *size = get_be64 (b + QH_SIZE);
   }
-  close (fd);
+  q2_io_close (io);
   return r;
 }
 
@@ -686,17 +687,21 @@ write_image (struct tmpfile *f, struct tmpfile *df,
       }
       if (write_all (f, buf, cs, l->l2[i] * cs) == -1)
         goto out;
-      if (!o->data_file &&
-          extend (f, l->data[i] * cs, n * cs, o->prealloc) == -1)
-        goto out;
+      /* Like qemu-img, the file ends with the last subcluster of guest
+       * data (anything allocated after it is written in full).
+       */
+      if (!o->data_file) {
+        uint64_t len = n * cs;
+        if (i == l->l1_size - 1) {
+          uint64_t sub = o->extended_l2 ? cs / QCOW2_SUBCLUSTERS : cs;
+          uint64_t tail = o->size - (l->guest_clusters - 1) * cs;
+          len = (n - 1) * cs + (tail + sub - 1) / sub * sub;
+        }
+        if (extend (f, l->data[i] * cs, len, o->prealloc) == -1)
+          goto out;
+      }
     }
   }
-  /* The last allocated cluster may be a refcount block, already
-   * written; make sure the file reaches every data cluster.
-   */
-  if (l->prealloc && !o->data_file &&
-      extend (f, 0, l->next * cs, Q2_PREALLOC_METADATA) == -1)
-    goto out;
 
   if (df) {
     enum q2_prealloc m = o->prealloc;

@@ -10,10 +10,10 @@
  * connection shares it through the thread-safe layer, so connections
  * open no plugin context of their own -> cleanup closes.
  *
- * Filters cannot learn of -r before the first connection, so the
- * shared context is opened for writing where the plugin allows it;
- * nothing is written until a client writes, and nbdkit refuses writes
- * on read-only connections with EROFS.
+ * Filters cannot learn of -r from nbdkit before the first connection;
+ * q2_params_nbdkit_readonly reads it from the command line, and under
+ * -r the shared context is opened read-only.  nbdkit refuses writes on
+ * read-only connections with EROFS.
  */
 
 #include <config.h>
@@ -129,13 +129,16 @@ export_read (struct next_io *n, char *buf, uint64_t len, uint64_t off)
         return -1;
     }
     else {
-      /* A partial block: through a bounce buffer. */
+      /* A partial block: through a bounce buffer (shorter at the end
+       * of an export whose size is not a multiple of the block size).
+       */
       char *b = malloc (n->align);
       uint64_t want = n->align - head;
+      uint32_t blen = n->size - a < n->align ? n->size - a : n->align;
 
       if (b == NULL)
         return Q2_FAIL (ENOMEM, "%s: malloc: %m", n->io.name);
-      if (piece_pread (n, b, n->align, a) == -1) {
+      if (piece_pread (n, b, blen, a) == -1) {
         free (b);
         return -1;
       }
@@ -191,16 +194,17 @@ next_pwrite (struct q2_io *io, const void *buf, size_t len, uint64_t off)
        */
       char *b = malloc (n->align);
       uint64_t want = n->align - head;
+      uint32_t blen = n->size - a < n->align ? n->size - a : n->align;
       int r;
 
       if (b == NULL)
         return Q2_FAIL (ENOMEM, "%s: malloc: %m", io->name);
       chunk = want < len ? want : len;
       pthread_mutex_lock (&n->rmw_lock);
-      r = piece_pread (n, b, n->align, a);
+      r = piece_pread (n, b, blen, a);
       if (r == 0) {
         memcpy (b + head, p, chunk);
-        r = piece_pwrite (n, b, n->align, a);
+        r = piece_pwrite (n, b, blen, a);
       }
       pthread_mutex_unlock (&n->rmw_lock);
       free (b);
@@ -421,6 +425,9 @@ qcow2_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
     nbdkit_error ("unknown parameter '%s'", key);
     return -1;
   }
+  /* The shared parser names the key without our prefix. */
+  if (r == -1)
+    nbdkit_error ("qcow2 filter: parameter '%s' rejected", key);
   return r;
 }
 
@@ -428,9 +435,16 @@ static int
 qcow2_config_complete (nbdkit_next_config_complete *next,
                        nbdkit_backend *nxdata)
 {
+  /* The image is the plugin's export, which the filter cannot create. */
+  if (q2_params.create) {
+    nbdkit_error ("%screate=true: the filter does not create images; "
+                  "create the image first (nbdkit qcow2 create=true, or "
+                  "qemu-img create) and export it", PREFIX);
+    return -1;
+  }
+  q2_params.opts.param_prefix = PREFIX;   /* for messages */
   if (q2_params_complete () == -1)
     return -1;
-  q2_params.opts.param_prefix = PREFIX;
   q2_params.opts.explicit_backing = true;
   return next (nxdata);
 }
@@ -454,9 +468,11 @@ static int
 open_image (nbdkit_backend *backend)
 {
   struct q2_io *io;
+  bool ro = q2_params_nbdkit_readonly ();
 
-  shared = nbdkit_next_context_open (backend, 0, "", 1);
-  if (shared == NULL) {
+  /* Under -r the plugin is opened read-only too. */
+  shared = nbdkit_next_context_open (backend, ro, "", 1);
+  if (shared == NULL && !ro) {
     nbdkit_debug ("qcow2: the plugin cannot be opened for writing; "
                   "trying read-only");
     shared = nbdkit_next_context_open (backend, 1, "", 1);
@@ -470,6 +486,12 @@ open_image (nbdkit_backend *backend)
     goto fail;
   if (q2_open_io (io, &q2_params.opts, &image) == -1) {
     q2_io_close (io);
+    goto fail;
+  }
+  /* snapshot-create= and friends, before any client uses the image. */
+  if (q2_params_snapshot_ops (image) == -1) {
+    q2_close (image);           /* flushes what was done */
+    image = NULL;
     goto fail;
   }
   return 0;
@@ -510,8 +532,11 @@ qcow2_cleanup (nbdkit_backend *backend)
 }
 
 /* Connections open no plugin context: every callback below uses the
- * shared one through the image.  A dirty image may be read, but a
- * read-write connection is refused with a message saying how to repair.
+ * shared one through the image.  A read-write connection is refused,
+ * with a message saying how to repair, when the image cannot be
+ * written (a dirty image with repair=off, errors found by
+ * repair=check); by default a dirty image is repaired at the first
+ * write.
  */
 static void *
 qcow2_open (nbdkit_next_open *next, nbdkit_context *context,
@@ -547,7 +572,6 @@ qcow2_get_size (nbdkit_next *next, void *handle)
 
 /* The plugin's minimum passes up, so that a client never makes the
  * layer split requests more finely than the plugin can take them.
- * With qcow2-compress=true the cluster size is the preferred size.
  */
 static int
 qcow2_block_size (nbdkit_next *next, void *handle,
@@ -555,23 +579,19 @@ qcow2_block_size (nbdkit_next *next, void *handle,
 {
   if (shared->block_size (shared, minimum, preferred, maximum) == -1)
     return -1;
-  if (q2_params.opts.compress && image) {
-    /* qcow2-compress=true: whole clusters need no read-modify-write. */
-    uint32_t cs = q2_cluster_size (image);
-
-    if (*minimum < 1)
-      *minimum = 1;
-    if (*preferred < cs)
-      *preferred = cs;
-    *maximum = 0xffffffff;
-    return 0;
-  }
-  if (*minimum <= 1) {
+  if (*minimum <= 1 && !q2_params.opts.compress) {
     *minimum = *preferred = *maximum = 0;   /* no constraints */
     return 0;
   }
+  if (*minimum < 1)
+    *minimum = 1;
   if (*preferred < *minimum)
     *preferred = *minimum;
+  /* With compress=true every write is a read-modify-write of whole
+   * clusters: ask clients for whole, aligned clusters.
+   */
+  if (q2_params.opts.compress && *preferred < q2_cluster_size (image))
+    *preferred = q2_cluster_size (image);
   *maximum = 0xffffffff;
   return 0;
 }

@@ -16,30 +16,12 @@
 #include <zstd.h>
 
 #include "qcow2-internal.h"
+#include "qcow2-nbd.h"
 #include "qcow2-cache.h"
 #include "qcow2-crypto.h"
 
 /* Slices of 4 KiB keep a cache miss cheap for random I/O. */
 #define L2_SLICE_SIZE 4096
-
-int
-q2_load_l1 (struct q2_image *img, uint64_t offset, uint32_t size,
-            uint64_t **l1_out)
-{
-  uint64_t *l1 = malloc ((size ? size : 1) * sizeof *l1);
-  uint32_t i;
-
-  if (l1 == NULL)
-    return Q2_FAIL (ENOMEM, "%s: malloc L1 table: %m", img->filename);
-  if (size && q2_io_pread (img->io, l1, (size_t) size * 8, offset) == -1) {
-    free (l1);
-    return -1;
-  }
-  for (i = 0; i < size; i++)
-    l1[i] = be64toh (l1[i]);
-  *l1_out = l1;
-  return 0;
-}
 
 static void
 init_geometry (struct q2_image *img)
@@ -140,6 +122,7 @@ q2_open_qcow2 (struct q2_io *io, const struct q2_open_opts *opts,
                struct q2_image **img_out)
 {
   struct q2_image *img = new_image (io);
+  bool nbd_backing;
 
   if (img == NULL)
     return -1;
@@ -171,8 +154,12 @@ q2_open_qcow2 (struct q2_io *io, const struct q2_open_opts *opts,
     errno = ENOTSUP;
     goto fail;
   }
+  /* An NBD name means the same on every machine: the filter follows it
+   * too, under the allow-remote-backing policy (q2_open_backing).
+   */
+  nbd_backing = img->h.backing_name && q2_nbd_is_name (img->h.backing_name);
   if (!follow && depth == 0 && opts->explicit_backing && !opts->backing &&
-      img->h.backing_name) {
+      img->h.backing_name && !nbd_backing) {
     q2_error ("%s: the image names the backing file '%s', which is not "
               "followed; give %sbacking=PATH (or %sbacking=none to read "
               "without it)", img->filename, img->h.backing_name,
@@ -180,7 +167,8 @@ q2_open_qcow2 (struct q2_io *io, const struct q2_open_opts *opts,
     errno = ENOTSUP;
     goto fail;
   }
-  if ((follow || (depth == 0 && opts->backing)) &&
+  if ((follow || (depth == 0 && opts->backing) ||
+       (depth == 0 && opts->explicit_backing && nbd_backing)) &&
       q2_open_backing (img, opts, depth, chain) == -1)
     goto fail;
   if (depth == 0 && q2_compress_setup (img, opts) == -1)

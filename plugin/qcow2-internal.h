@@ -252,6 +252,7 @@ extern int q2_open_qcow2 (struct q2_io *io, const struct q2_open_opts *opts,
                           unsigned depth, struct q2_io **chain, bool follow,
                           struct q2_image **img_out);
 extern int q2_open_raw (struct q2_io *io, struct q2_image **img_out);
+/* Read and convert an L1 table (qcow2-file.c). */
 extern int q2_load_l1 (struct q2_image *img, uint64_t offset, uint32_t size,
                        uint64_t **l1_out);
 
@@ -266,7 +267,8 @@ extern int q2_rc_used_end (struct q2_image *img, uint64_t *end);
 /* Give refcount range r a block (growing the table if needed). */
 extern int q2_rc_add_block (struct q2_image *img, uint64_t r);
 
-/* ---- allocation (qcow2-alloc.c), all under img->lock ---- */
+/* ---- allocation (qcow2-alloc.c; q2_meta_* and q2_check_overlap in
+ * qcow2-meta.c, q2_free_now in qcow2-refcount.c), all under img->lock ---- */
 /* Up to n contiguous free clusters (at least one) with refcount 1. */
 extern int q2_alloc_clusters (struct q2_image *img, uint64_t n,
                               uint64_t *host, uint64_t *got);
@@ -345,11 +347,16 @@ extern void q2_crypt_encrypt (struct q2_image *img, uint8_t *dst,
                               const uint8_t *src, uint64_t len,
                               uint64_t host, uint64_t guest);
 
-/* ---- writing (qcow2-write.c) ---- */
+/* ---- the image file, below the write path (qcow2-file.c) ---- */
 extern int q2_mark_corrupt (struct q2_image *img);
 /* Write to the image file and raise the known file size. */
 extern int q2_write_file (struct q2_image *img, const void *buf, size_t n,
                           uint64_t off);
+/* Write one big-endian header field. */
+extern int q2_write_header_u64 (struct q2_image *img, unsigned field,
+                                uint64_t v);
+
+/* ---- writing (qcow2-write.c) ---- */
 /* Reading without taking io_lock, for the write path's copy-on-write. */
 extern int q2_finish_writes (struct q2_image *img);
 extern int q2_read_nolock (struct q2_image *img, void *buf, uint64_t count,

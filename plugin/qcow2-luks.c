@@ -59,7 +59,7 @@ struct luks {
   char cipher[L_NAME_LEN + 1], mode[L_NAME_LEN + 1], hash[L_NAME_LEN + 1];
   char cmode[L_NAME_LEN + 1], ivgen[L_NAME_LEN + 1], ivhash[L_NAME_LEN + 1];
   const struct nettle_hash *h;
-  uint32_t key_bytes, mk_iter;
+  uint32_t key_bytes, mk_iter, payload;
   const uint8_t *mk_digest, *mk_salt;
   struct {
     bool on;
@@ -150,6 +150,7 @@ parse (const char *fname, const uint8_t *hdr, uint64_t area_len,
                     "-bit key: %s", fname, l->cipher, l->mode,
                     l->key_bytes * 8, err);
   q2_crypto_free (test);
+  l->payload = get_be32 (hdr + L_PAYLOAD);
   l->mk_digest = hdr + L_MK_DIGEST;
   l->mk_salt = hdr + L_MK_SALT;
   l->mk_iter = get_be32 (hdr + L_MK_ITER);
@@ -181,6 +182,10 @@ parse (const char *fname, const uint8_t *hdr, uint64_t area_len,
       return Q2_FAIL (EINVAL, "%s: LUKS header: key slot %u material at "
                       "sector %" PRIu32 " lies outside the LUKS area of %"
                       PRIu64 " bytes", fname, i, l->slot[i].kmo, area_len);
+    if (end > (uint64_t) l->payload * Q2_SECTOR)
+      return Q2_FAIL (EINVAL, "%s: LUKS header: key slot %u material "
+                      "overlaps the payload (sector %" PRIu32 ")", fname, i,
+                      l->payload);
     for (j = 0; j < i; j++) {
       uint64_t s2 = (uint64_t) l->slot[j].kmo * Q2_SECTOR;
       uint64_t e2 = s2 + material_len (l->key_bytes, Q2_LUKS_STRIPES);

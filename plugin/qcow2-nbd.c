@@ -891,7 +891,7 @@ conn_free (struct conn *c)
 #define NBD_CONNECT_TIMEOUT_MS 5000
 
 static int
-connect_timed (struct nbd_handle *h, const char *uri)
+connect_timed (struct nbd_handle *h, const char *uri, bool quiet)
 {
   struct timespec t0, t;
   long ms;
@@ -903,8 +903,9 @@ connect_timed (struct nbd_handle *h, const char *uri)
     clock_gettime (CLOCK_MONOTONIC, &t);
     ms = (t.tv_sec - t0.tv_sec) * 1000 + (t.tv_nsec - t0.tv_nsec) / 1000000;
     if (ms >= NBD_CONNECT_TIMEOUT_MS) {
-      q2_error ("%s: the NBD server did not complete the handshake within "
-                "%d ms", uri, NBD_CONNECT_TIMEOUT_MS);
+      (quiet ? q2_debug : q2_error)
+        ("%s: the NBD server did not complete the handshake within %d ms",
+         uri, NBD_CONNECT_TIMEOUT_MS);
       errno = ETIMEDOUT;
       return -2;
     }
@@ -916,9 +917,11 @@ connect_timed (struct nbd_handle *h, const char *uri)
   return 0;
 }
 
-/* Connect; report failures with libnbd's message. */
+/* Connect; report failures with libnbd's message (only as debug
+ * messages when quiet: the caller has a way out).
+ */
 static struct conn *
-conn_new (struct nbd_io *n, const char *name, bool first)
+conn_new (struct nbd_io *n, const char *name, bool first, bool quiet)
 {
   struct conn *c = calloc (1, sizeof *c);
 
@@ -942,7 +945,7 @@ conn_new (struct nbd_io *n, const char *name, bool first)
       goto nbd_err;
   }
   else {
-    int r = connect_timed (c->h, n->uri);
+    int r = connect_timed (c->h, n->uri, quiet);
     if (r == -2) {
       conn_free (c);
       errno = ETIMEDOUT;
@@ -978,7 +981,7 @@ conn_new (struct nbd_io *n, const char *name, bool first)
  nbd_err:
   {
     int err = nbd_get_errno ();
-    q2_error ("%s: %s", name, nbd_get_error ());
+    (quiet ? q2_debug : q2_error) ("%s: %s", name, nbd_get_error ());
     conn_free (c);
     errno = err ? err : EIO;
     return NULL;
@@ -986,8 +989,8 @@ conn_new (struct nbd_io *n, const char *name, bool first)
 }
 
 /* A connection for one request, with c->users raised; fresh: a new
- * one (after a failure, the others may be stale too).  NULL (reported, errno EIO) if the server
- * cannot be reached.
+ * one (after a failure, the others may be stale too).  NULL (reported,
+ * errno EIO) if the server cannot be reached.
  */
 static struct conn *
 conn_get (struct nbd_io *n, bool fresh)
@@ -1007,9 +1010,10 @@ conn_get (struct nbd_io *n, bool fresh)
     c = n->conns[i] = NULL;
   }
   if (c == NULL) {
-    c = conn_new (n, n->io.name, false);
-    if (c == NULL && i > 0 && !fresh && n->conns[0] &&
-        !conn_dead (n->conns[0])) {
+    bool spare = i > 0 && !fresh && n->conns[0] && !conn_dead (n->conns[0]);
+
+    c = conn_new (n, n->io.name, false, spare);
+    if (c == NULL && spare) {
       /* The server advertises multi-conn but will not take another
        * client: keep to the one connection we have.
        */
@@ -1309,7 +1313,7 @@ q2_io_nbd_open (const char *name)
   n->io.ops = &nbd_ops;
   n->io.readonly = true;
   n->io.remote = true;
-  n->conns[0] = conn_new (n, name, true);
+  n->conns[0] = conn_new (n, name, true, false);
   if (n->conns[0] == NULL) {
     int e = errno;
     pthread_mutex_destroy (&n->lock);

@@ -275,8 +275,9 @@ complete_create (void)
 
   if (!p->create) {
     if (p->create_only_key) {
-      nbdkit_error ("%s= is only valid with create=true",
-                    p->create_only_key);
+      const char *pfx = p->opts.param_prefix ? p->opts.param_prefix : "";
+      nbdkit_error ("%s%s= is only valid with %screate=true",
+                    pfx, p->create_only_key, pfx);
       return -1;
     }
     return 0;

@@ -136,8 +136,11 @@ qcow2_cleanup (void)
   image = NULL;
 }
 
-/* A dirty image (lazy refcounts not written back) may be read, but a
- * read-write connection is refused with a message saying how to repair.
+/* A read-write connection is refused, with a message saying how to
+ * repair, when the image cannot be written: a dirty image with
+ * repair=off, or one whose check at open (repair=check) found errors.
+ * With repair=auto (the default) a dirty image is repaired at the
+ * first write.
  */
 static void *
 qcow2_open (int readonly)

@@ -419,3 +419,23 @@ q2_rc_flush (struct q2_image *img)
 {
   return img->rc_cache ? q2_cache_flush (img->rc_cache) : 0;
 }
+
+/* Drop one reference to each cluster of [off, off+len) now. */
+int
+q2_free_now (struct q2_image *img, uint64_t off, uint64_t len)
+{
+  uint64_t c, rc;
+
+  for (c = off >> img->cluster_bits;
+       c <= (off + len - 1) >> img->cluster_bits; c++) {
+    if (q2_rc_add (img, c, -1) == -1)
+      return -1;
+    if (q2_rc_get (img, c, &rc) == 0 && rc == 0) {
+      q2_meta_remove (img, c << img->cluster_bits);
+      /* Compressed writes pack into this cluster no more. */
+      if (img->cpack_end && c == (img->cpack_end >> img->cluster_bits) - 1)
+        img->cpack_end = img->cpack_off = 0;
+    }
+  }
+  return 0;
+}

@@ -40,26 +40,6 @@
 
 #define ALL_SUBCLUSTERS UINT64_C (0xffffffff)
 
-/* The file size is a high-water mark of everything ever written: past
- * it, clusters have never held data (see fresh_zeros).  A failed write
- * raises it too, because a full disk may take part of a write first.
- */
-int
-q2_write_file (struct q2_image *img, const void *buf, size_t n, uint64_t off)
-{
-  uint64_t end = off + n, cur;
-  int r = img->io->ops->pwrite (img->io, buf, n, off);
-  int saved_errno = errno;
-
-  cur = __atomic_load_n (&img->file_size, __ATOMIC_ACQUIRE);
-  while (end > cur &&
-         !__atomic_compare_exchange_n (&img->file_size, &cur, end, false,
-                                       __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
-    ;
-  errno = saved_errno;
-  return r;
-}
-
 static int
 write_plain (struct q2_image *img, const void *buf, size_t n, uint64_t host)
 {
@@ -104,35 +84,23 @@ write_data (struct q2_image *img, const void *buf, size_t n, uint64_t host,
   return 0;
 }
 
-static int
-write_header_u64 (struct q2_image *img, unsigned field, uint64_t v)
+/* A raw external data file (autoclear bit "raw external data") must
+ * read as the guest disk at all times.  Guest data always lands at its
+ * own offset there; zeroes are written into it rather than flagged in
+ * L2, and trims (which are advisory) are ignored.
+ */
+static bool
+raw_data_file (const struct q2_image *img)
 {
-  uint8_t b[8];
-
-  put_be64 (b, v);
-  return q2_write_file (img, b, 8, field);
-}
-
-/* Stop writing for good; best effort to record it in the header. */
-int
-q2_mark_corrupt (struct q2_image *img)
-{
-  if (img->corrupt)
-    return 0;
-  img->corrupt = true;
-  if (img->h.version < 3)
-    return 0;
-  img->h.incompat |= QCOW2_INCOMPAT_CORRUPT;
-  if (write_header_u64 (img, QH_INCOMPAT, img->h.incompat) == 0)
-    img->io->ops->flush (img->io);
-  return 0;
+  return (img->h.autoclear & QCOW2_AUTOCLEAR_DATA_RAW) &&
+    img->data_io != img->io;
 }
 
 /* Lock held.  The first write sets up the refcount state and updates
  * the header: bitmaps are flagged in use (or, if that fails, their bit
- * is dropped), every other autoclear bit is cleared (we keep neither an
- * external data file raw-consistent nor anything unknown), and the
- * dirty bit is set for lazy refcounts.
+ * is dropped), the raw external data bit stays (see raw_data_file),
+ * every other autoclear bit is cleared (we keep nothing unknown
+ * consistent), and the dirty bit is set for lazy refcounts.
  */
 static int
 begin_write (struct q2_image *img)
@@ -151,6 +119,8 @@ begin_write (struct q2_image *img)
   if ((img->h.autoclear & QCOW2_AUTOCLEAR_BITMAPS) &&
       q2_bitmaps_mark_in_use (img) == 0)
     autoclear |= QCOW2_AUTOCLEAR_BITMAPS;
+  if (raw_data_file (img))
+    autoclear |= QCOW2_AUTOCLEAR_DATA_RAW;
   img->alloc_end = (img->file_size + img->cluster_size - 1)
                    >> img->cluster_bits;
   if (img->io->fixed_size && q2_rc_used_end (img, &img->alloc_end) == -1)
@@ -160,8 +130,8 @@ begin_write (struct q2_image *img)
     incompat |= QCOW2_INCOMPAT_DIRTY;
   if (img->h.version >= 3 &&
       (incompat != img->h.incompat || autoclear != img->h.autoclear)) {
-    if (write_header_u64 (img, QH_INCOMPAT, incompat) == -1 ||
-        write_header_u64 (img, QH_AUTOCLEAR, autoclear) == -1 ||
+    if (q2_write_header_u64 (img, QH_INCOMPAT, incompat) == -1 ||
+        q2_write_header_u64 (img, QH_AUTOCLEAR, autoclear) == -1 ||
         img->io->ops->flush (img->io) == -1)
       goto fail;
     img->h.incompat = incompat;
@@ -931,7 +901,7 @@ q2_zero (struct q2_image *img, uint64_t count, uint64_t offset,
 {
   uint64_t cs = img->cluster_size, end = offset + count;
   uint64_t a = (offset + cs - 1) & ~(cs - 1), b = end & ~(cs - 1);
-  bool by_flag = img->h.version >= 3 && a < b;
+  bool by_flag = img->h.version >= 3 && a < b && !raw_data_file (img);
   int r = 0;
 
   if ((flags & Q2_ZERO_FAST) && !(by_flag && a == offset && b == end))
@@ -961,6 +931,8 @@ q2_trim (struct q2_image *img, uint64_t count, uint64_t offset)
   uint64_t a = (offset + cs - 1) & ~(cs - 1), b = (offset + count) & ~(cs - 1);
   int r = 0;
 
+  if (raw_data_file (img))
+    return 0;
   if (start (img) == -1)
     return -1;
   pthread_rwlock_rdlock (&img->io_lock);
@@ -1031,7 +1003,7 @@ q2_finish_writes (struct q2_image *img)
     return -1;
   if (img->lazy && !img->corrupt) {
     img->h.incompat &= ~QCOW2_INCOMPAT_DIRTY;
-    if (write_header_u64 (img, QH_INCOMPAT, img->h.incompat) == -1 ||
+    if (q2_write_header_u64 (img, QH_INCOMPAT, img->h.incompat) == -1 ||
         img->io->ops->flush (img->io) == -1)
       return -1;
   }

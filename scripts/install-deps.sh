@@ -9,6 +9,7 @@ packages=(
     nbdkit nbdkit-plugin-dev
     zlib1g-dev libzstd-dev nettle-dev libnbd-dev
     qemu-utils libnbd-bin python3-libnbd fio
+    cryptsetup-bin  # cryptsetup luksDump: an independent check of LUKS headers
     perl        # pod2man and podchecker, for the man page
     clang       # for the fuzzers
 )

@@ -6,7 +6,8 @@ usage: create-info.py INFO.json KEY=VALUE...
 KEY is a top-level field (virtual-size, cluster-size, backing-filename,
 backing-filename-format, encrypted) or one of format-specific.data
 (compat, compression-type, lazy-refcounts, refcount-bits, extended-l2,
-data-file, data-file-raw, corrupt), or encrypt-format.  VALUE "absent"
+data-file, data-file-raw, corrupt), or encrypt-X for field X of the
+encryption details (encrypt-format, encrypt-cipher-alg ...).  VALUE "absent"
 means the field must not be there.  The expected values come from the
 test's own option table, never from the plugin.
 """
@@ -22,8 +23,8 @@ for kv in sys.argv[2:]:                 # later arguments override
     key, want = kv.split("=", 1)
     expect[key] = want
 for key, want in expect.items():
-    if key == "encrypt-format":
-        got = data.get("encrypt", {}).get("format")
+    if key.startswith("encrypt-"):
+        got = data.get("encrypt", {}).get(key[len("encrypt-"):])
     elif key in info:
         got = info[key]
     else:

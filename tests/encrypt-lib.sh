@@ -7,19 +7,6 @@ printf %s 'correct horse' > "$tmp/pw"
 printf %s 'battery staple' > "$tmp/pw2"
 SEC=(--object "secret,id=s0,file=$tmp/pw" --object "secret,id=s1,file=$tmp/pw2")
 
-# retry CMD...: qemu-img with LUKS and a low iter-time fails now and
-# then under load ("Unable to get accurate CPU usage"); retry it.
-retry ()
-{
-    local i
-    for i in 1 2 3 4 5 6 7 8; do
-        "$@" 2>"$tmp/retry.err" && return 0
-        grep -q 'accurate CPU usage' "$tmp/retry.err" || break
-    done
-    cat "$tmp/retry.err" >&2
-    return 1
-}
-
 # mkenc IMG SIZE OPTS [qemu-img create args...]: an encrypted image with
 # the first password (secret s0).  OPTS is extra -o text (may be empty).
 mkenc ()

@@ -33,6 +33,22 @@ skip ()
 }
 
 # requires CMD...: skip the test unless every command exists.
+# retry CMD...: qemu-img and qemu-io with LUKS fail now and then under
+# load ("Unable to get accurate CPU usage", from the iteration-time
+# calibration); run such commands again, and fail on any other error.
+retry ()
+{
+    local i err
+    err=$(mktemp)
+    for i in 1 2 3 4 5 6 7 8; do
+        if "$@" 2>"$err"; then rm -f "$err"; return 0; fi
+        grep -q 'accurate CPU usage' "$err" || break
+    done
+    cat "$err" >&2
+    rm -f "$err"
+    return 1
+}
+
 requires ()
 {
     local c

@@ -18,10 +18,11 @@ d = json.load(sys.stdin)
 print(d.get("leaks", 0), d.get("corruptions", 0))'
 }
 
-# our_counts IMG: the same from the plugin's check at open.
+# our_counts IMG [ARGS...]: the same from the plugin's check at open.
 our_counts () {
-  nbdkit -U - "$PLUGIN" file="$1" repair=check --run true 2> log ||
-    fail "nbdkit repair=check on $1 failed"
+  local img=$1; shift
+  nbdkit -U - "$PLUGIN" file="$img" "$@" repair=check --run true 2> log ||
+    fail "nbdkit repair=check on $img failed"
   python3 -c 'import re, sys
 m = re.search(r"check found (\d+) leaked clusters, (\d+) refcount errors "
               r"and (\d+) wrong COPIED flags", open("log").read())

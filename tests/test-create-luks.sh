@@ -14,7 +14,7 @@ mkdir "$d"
 # the secret.
 tool=${top_builddir:-$(dirname "$0")/..}/tests/create-luks-area
 [ -x "$tool" ] || fail "$tool not built"
-for opts in "" "cluster-size=4096 preallocation=metadata" "compat=0.10"; do
+for opts in "" "cluster-size=4096 preallocation=metadata compat=0.10"; do
     echo "--- luks layout: $opts"
     rm -f "$d/q.qcow2" "$d/l.qcow2" "$d/area"
     qo=encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10

@@ -93,6 +93,22 @@ for opt in size=1M cluster-size=4K compat=0.10 refcount-bits=16 \
 done
 refuse 'is only valid with create=true' file="$w/image.qcow2" create=false size=1M
 
+# The filter parses the same options but cannot create its plugin's
+# export; its messages carry its prefix.
+if [ -n "${FILTER:-}" ] && [ -f "$FILTER" ]; then
+    for args in "qcow2-create=true qcow2-size=1M|qcow2-create=true: the filter does not create images" \
+                "qcow2-size=1M|qcow2-size= is only valid with qcow2-create=true"; do
+        r=0
+        # shellcheck disable=SC2086
+        nbdkit -U - -r file "$w/image.qcow2" --filter="$FILTER" ${args%%|*} \
+            --run 'nbdinfo --size "$uri"' > "$tmp/filter.log" 2>&1 || r=$?
+        [ $r -ne 0 ] && grep -q -- "${args#*|}" "$tmp/filter.log" ||
+            { cat "$tmp/filter.log" >&2; fail "filter: ${args%%|*} not refused"; }
+        [ "$(listing)" = "$before" ] || fail "the filter changed the directory"
+        echo "ok: filter refused ${args%%|*}: $(head -1 "$tmp/filter.log")"
+    done
+fi
+
 # Directories: missing, not a directory, read-only.
 refuse 'No such file' file="$w/missing/new.qcow2" create=true size=1M
 refuse 'Not a directory' file="$w/exist.data/new.qcow2" create=true size=1M
@@ -114,11 +130,15 @@ fi
 # A write failing in the middle of creation (the file size limit, as
 # a full disk would) leaves nothing behind: neither the image, nor the
 # data file, nor a temporary file.
-for extra in "" "data-file=$w/new.data"; do
+# The limits (KiB) fall in the header, the refcount table, the L1
+# table, the preallocated data and the data file.
+for case in "1|" "100|" "190|" "4096|" "100|data-file=$w/new.data" \
+            "4096|data-file=$w/new.data"; do
+    lim=${case%%|*} extra=${case#*|}
     r=0
     (
         trap '' XFSZ
-        ulimit -f 4096
+        ulimit -f "$lim"
         # shellcheck disable=SC2086
         exec nbdkit -U - -r "$PLUGIN" "${c[@]}" size=64M \
             preallocation=full $extra --run 'nbdinfo --size "$uri"'
@@ -128,10 +148,27 @@ for extra in "" "data-file=$w/new.data"; do
         { cat "$tmp/xfsz.log" >&2; fail "no clear error for the failed write"; }
     [ "$(listing)" = "$before" ] || {
         diff <(echo "$before") <(listing) >&2 || true
-        fail "a failed creation left files behind ($extra)"
+        fail "a failed creation left files behind ($lim KiB, $extra)"
     }
-    echo "ok: failed write during creation ($extra): $(grep -i -m1 'File too large' "$tmp/xfsz.log")"
+    echo "ok: failed write during creation ($lim KiB, $extra): $(grep -i -m1 'File too large' "$tmp/xfsz.log")"
 done
+
+# Killed in the middle of creating: FILE never exists half-made (a
+# hidden temporary file may stay behind).
+k=$tmp/kill
+mkdir "$k"
+nbdkit -f -U "$k/sock" "$PLUGIN" file="$k/new.qcow2" create=true size=512M \
+    preallocation=full > "$k/log" 2>&1 &
+kpid=$!
+for _ in $(seq 100); do
+    ls -A "$k" | grep -q '^\.new\.qcow2\.' && break
+    sleep 0.01
+done
+kill -9 "$kpid"
+wait "$kpid" 2>/dev/null || true
+[ ! -e "$k/new.qcow2" ] || fail "kill -9 during creation left $k/new.qcow2"
+echo "ok: killed during creation: no new.qcow2 ($(ls -A "$k" | tr '\n' ' '))"
+rm -rf "$k"
 
 # A full disk, if a small tmpfs can be mounted.
 full=$tmp/full

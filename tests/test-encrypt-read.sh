@@ -70,6 +70,27 @@ for m in "${matrix[@]}"; do
     echo "$name: ok"
 done
 
+# ---- an internal snapshot of a LUKS image, served read-only ----
+img=$tmp/aes128-cbc-essiv-sha1-4k.qcow2
+retry qemu-img snapshot "${SEC[@]}" --image-opts "$(iopts "$img")" -c s1 ||
+    fail "qemu-img snapshot failed"
+rnd_pattern; echo "write -P $R 0 100000" | eqio "$(iopts "$img")"
+retry qemu-img convert "${SEC[@]}" --image-opts "$(iopts "$img")" \
+    -l snapshot.name=s1 -O raw "$tmp/exp.raw" || fail "convert -l s1 failed"
+plugin_read "$img" "$tmp/got.raw" password=+"$tmp/pw" snapshot=s1
+cmp "$tmp/exp.raw" "$tmp/got.raw" || fail "snapshot of a LUKS image differs"
+echo "snapshot: ok"
+
+# ---- the filter (qcow2-password=) over nbdkit's file plugin ----
+if [ -n "${FILTER:-}" ] && [ -f "$FILTER" ]; then
+    img=$tmp/luks-default.qcow2
+    eraw "$(iopts "$img")" "$tmp/exp.raw"
+    nbdkit -U - --filter="$FILTER" file "$img" qcow2-password=+"$tmp/pw" \
+        --run "nbdcopy \"\$uri\" $tmp/got.raw" || fail "filter read failed"
+    cmp "$tmp/exp.raw" "$tmp/got.raw" || fail "filter: content differs"
+    echo "filter: ok"
+fi
+
 # ---- refusals: the file is never modified ----
 img=$tmp/luks-default.qcow2
 cp "$img" "$tmp/before"
@@ -111,7 +132,18 @@ elif field == 'iter0': u32(208 + 4, v)
 elif field == 'iterall':
     for i in range(8): u32(208 + 48*i + 4, v)
 elif field == 'mkiter': u32(164, v)
+elif field == 'payload': u32(104, v)
 elif field == 'cipher': d[h+8:h+40] = value.encode().ljust(32, b'\0')
+else:
+    # The full-disk-encryption extension (offset u64, length u64).
+    e = d.find(b'\x05\x37\xbe\x77', 72, 65536)
+    assert e > 0
+    off, ln = struct.unpack('>QQ', d[e+8:e+24])
+    if field == 'extoff': off += int(value, 0)
+    elif field == 'extlen': ln = int(value, 0)
+    elif field == 'extl1': off = struct.unpack('>Q', d[40:48])[0]
+    elif field == 'noext': d[e:e+4] = b'\0\0\0\0'
+    d[e+8:e+24] = struct.pack('>QQ', off, ln) if field != 'noext' else d[e+8:e+24]
 open(path, 'wb').write(d)
 PY
 }
@@ -128,6 +160,12 @@ crafted=(
   "iterall 0|out of range"
   "mkiter 0xffffffff|out of range"
   "cipher blowfish|unsupported cipher"
+  "payload 8|overlaps the payload"
+  "extoff 512|misaligned"
+  "extlen 0x100000000|too large"
+  "extlen 100|only 100 bytes"
+  "extl1 0|overlaps"
+  "noext 0|without a full-disk-encryption header extension"
 )
 for c in "${crafted[@]}"; do
     IFS='|' read -r field expect <<< "$c"

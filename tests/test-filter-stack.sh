@@ -205,6 +205,34 @@ copy_through "$tmp/got.raw" -r --filter="$FILTER" file "$top" qcow2-backing=none
 cmp "$tmp/alone.raw" "$tmp/got.raw" || fail "qcow2-backing=none: differs from qemu"
 echo "ok: qcow2-backing=PATH and qcow2-backing=none"
 
+# A backing file on an NBD server, named in the image: followed only
+# with qcow2-allow-remote-backing=true.
+if nbdkit --filter="$FILTER" file --help 2>&1 | grep -q qcow2-allow-remote-backing; then
+    bsock=$tmp/base.sock
+    ref_raw "$base" "$tmp/nbase.raw"
+    serve_raw "$bsock" -r file "$tmp/nbase.raw"
+    nimg=$tmp/nbdtop.qcow2
+    mkimg "$nimg" 8M -u -b "nbd+unix:///?socket=$bsock" -F raw
+    random_fill "$nimg" 8M n=5 lo=2M hi=4M
+    ref_raw "$nimg" "$tmp/nbdtop.raw"
+    if timeout 60 nbdkit -U - -r --filter="$FILTER" file "$nimg" \
+           --run 'nbdinfo --size "$uri"' > "$log" 2>&1; then
+        cat "$log" >&2; fail "an image naming an NBD backing was followed without permission"
+    fi
+    grep -q "qcow2-allow-remote-backing=true" "$log" ||
+        { cat "$log" >&2; fail "the refusal does not mention qcow2-allow-remote-backing=true"; }
+    copy_through "$tmp/got.raw" -r --filter="$FILTER" file "$nimg" \
+        qcow2-allow-remote-backing=true
+    cmp "$tmp/nbdtop.raw" "$tmp/got.raw" || fail "NBD backing through the filter: differs from qemu"
+    # A local backing name stays refused even with the permission.
+    if timeout 60 nbdkit -U - -r --filter="$FILTER" file "$top" \
+           qcow2-allow-remote-backing=true --run 'nbdinfo --size "$uri"' > "$log" 2>&1; then
+        cat "$log" >&2; fail "a local backing name was followed with qcow2-allow-remote-backing=true"
+    fi
+    stop_raw "$bsock"
+    echo "ok: NBD backing named in the image: refused, then followed with qcow2-allow-remote-backing=true"
+fi
+
 dimg=$tmp/df.qcow2
 mkimg "$dimg" 8M -o data_file="$tmp/df.data"
 random_fill "$dimg" 8M n=10
@@ -218,3 +246,91 @@ ref_raw "$dimg" "$tmp/df.raw"
 copy_through "$tmp/got.raw" -r --filter="$FILTER" file "$dimg" qcow2-data-file="$tmp/df.data"
 cmp "$tmp/df.raw" "$tmp/got.raw" || fail "qcow2-data-file=: differs from qemu"
 echo "ok: external data file: refused, then read with qcow2-data-file="
+
+# ---- parameters added to the plugin arrive with the qcow2- prefix ----
+# -r: the plugin below is opened read-only too.
+timeout 60 nbdkit -v -U - -r --filter="$FILTER" file "$img" --run true \
+    > "$tmp/ro.log" 2>&1 || { cat "$tmp/ro.log" >&2; fail "nbdkit -r failed"; }
+grep -q 'file: open readonly=1' "$tmp/ro.log" ||
+    { grep 'open readonly' "$tmp/ro.log" >&2; fail "under -r the plugin below was not opened read-only"; }
+echo "ok: -r opens the plugin below read-only"
+
+# snapshot-create at startup, through the filter.  The filter opens the
+# image when nbdkit starts serving, after the --run command has started:
+# a connection waits for it.
+simg=$tmp/snap.qcow2
+cp "$img" "$simg"
+truncate -s +4M "$simg"         # room for the snapshot's tables
+timeout 60 nbdkit -U - --filter="$FILTER" file "$simg" qcow2-snapshot-create=viafilter \
+    --run 'nbdinfo --size "$uri"' >/dev/null 2>"$tmp/snap.log" ||
+    { cat "$tmp/snap.log" >&2; fail "qcow2-snapshot-create failed"; }
+qemu-img snapshot -l "$simg" | grep -qw viafilter || fail "qcow2-snapshot-create made no snapshot"
+qemu-img check -q "$simg" || fail "qemu-img check after qcow2-snapshot-create"
+before=$(sha "$simg")
+if timeout 60 nbdkit -U - -r --filter="$FILTER" file "$simg" qcow2-snapshot-delete=viafilter \
+       --run 'nbdinfo --size "$uri"' >/dev/null 2>"$tmp/snap.log"; then
+    fail "qcow2-snapshot-delete under -r was not refused"
+fi
+grep -q 'read-only' "$tmp/snap.log" ||
+    { cat "$tmp/snap.log" >&2; fail "qcow2-snapshot-delete under -r: no clear error"; }
+[ "$(sha "$simg")" = "$before" ] || fail "qcow2-snapshot-delete under -r changed the file"
+echo "ok: qcow2-snapshot-create through the filter; refused under -r"
+
+# compress=true: every write stored compressed.
+zimg=$tmp/z.qcow2
+mkimg "$zimg" 8M
+truncate -s +16M "$zimg"
+printf '%s\n' "write -P 1 0 1M" "write -P 2 3M 200k" "flush" > "$ops"
+timeout 120 nbdkit -U - --filter="$FILTER" file "$zimg" qcow2-compress=true \
+    --run 'qemu-io -f raw "$uri" < '"$ops"' > '"$tmp/zio.log" 2>&1 ||
+    { cat "$tmp/zio.log" >&2; fail "compressed writes through the filter failed"; }
+qemu-img check -q "$zimg" || fail "qemu-img check after compressed writes through the filter"
+assert_compressed "$zimg"
+truncate -s 8M "$tmp/z.raw"
+qio "$tmp/z.raw" raw < "$ops"
+ref_raw "$zimg" "$tmp/z.got"
+cmp "$tmp/z.raw" "$tmp/z.got" || fail "compressed writes through the filter: content differs"
+echo "ok: qcow2-compress=true"
+
+# An encrypted image with qcow2-password=+FILE.
+if nbdkit --filter="$FILTER" file --help 2>&1 | grep -q qcow2-password; then
+    printf %s 'correct horse' > "$tmp/pw"
+    sec=(--object "secret,id=s0,file=$tmp/pw")
+    eimg=$tmp/enc.qcow2
+    for try in 1 2 3 4 5 6; do
+        qemu-img create -q -f qcow2 "${sec[@]}" \
+            -o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10 \
+            "$eimg" 8M 2>"$tmp/qi.err" && break
+        grep -q 'accurate CPU usage' "$tmp/qi.err" || { cat "$tmp/qi.err" >&2; fail "qemu-img create (LUKS) failed"; }
+    done
+    truncate -s +16M "$eimg"
+    printf '%s\n' "write -P 6 64k 100k" "write -P 8 5M 7000" "flush" > "$ops"
+    timeout 120 nbdkit -U - --filter="$FILTER" file "$eimg" qcow2-password=+"$tmp/pw" \
+        --run 'qemu-io -f raw "$uri" < '"$ops"' > '"$tmp/eio.log" 2>&1 ||
+        { cat "$tmp/eio.log" >&2; fail "writes to an encrypted image through the filter failed"; }
+    truncate -s 8M "$tmp/e.raw"
+    qio "$tmp/e.raw" raw < "$ops"
+    eopts="driver=qcow2,file.filename=$eimg,encrypt.key-secret=s0"
+    qemu-img convert "${sec[@]}" --image-opts "$eopts" -O raw "$tmp/e.want" ||
+        fail "qemu-img convert of the encrypted image failed"
+    cmp "$tmp/e.raw" "$tmp/e.want" || fail "encrypted writes through the filter: qemu reads other data"
+    copy_through "$tmp/got.raw" -r --filter="$FILTER" file "$eimg" qcow2-password=+"$tmp/pw"
+    cmp "$tmp/e.raw" "$tmp/got.raw" || fail "encrypted read through the filter differs"
+    qemu-img check "${sec[@]}" --image-opts "$eopts" >/dev/null ||
+        fail "qemu-img check of the encrypted image"
+    echo "ok: encrypted image with qcow2-password=+FILE, read and write"
+else
+    echo "skipped: this build has no password parameter"
+fi
+
+# The filter does not create images.
+if nbdkit --filter="$FILTER" file --help 2>&1 | grep -q qcow2-create; then
+    before=$(sha "$img")
+    if timeout 60 nbdkit -U - --filter="$FILTER" file "$img" qcow2-create=true \
+           qcow2-size=8M --run true > "$log" 2>&1; then
+        cat "$log" >&2; fail "qcow2-create=true was accepted"
+    fi
+    grep -q "does not create" "$log" || { cat "$log" >&2; fail "qcow2-create=true: unclear refusal"; }
+    [ "$(sha "$img")" = "$before" ] || fail "qcow2-create=true changed the file"
+    echo "ok: qcow2-create=true refused"
+fi

@@ -53,6 +53,59 @@ ref_raw "$ovs" "$tmp/refs.raw"
 compare_read --expect "$tmp/refs.raw" "$ovs" "$A"
 compare_map "$ovs" "$A"
 
+# TCP: a server on 127.0.0.1 at a random free port, named as a URI, in
+# the legacy form and as nested json with server.host/port.
+port=
+for try in 1 2 3 4 5; do
+    rnd 20000; p=$(( 40000 + R ))
+    if nbdkit -i 127.0.0.1 -p "$p" -P "$tmp/tcp.pid" file "$base" 2>/dev/null; then
+        port=$p; break
+    fi
+done
+if [ -n "$port" ]; then
+    cleanup_fn kill "$(cat "$tmp/tcp.pid")"
+    for name in "nbd://127.0.0.1:$port/" "nbd:127.0.0.1:$port" \
+        "json:{\"file\":{\"driver\":\"nbd\",\"server\":{\"type\":\"inet\",\"host\":\"127.0.0.1\",\"port\":\"$port\"}}}"; do
+        compare_read --expect "$tmp/ref1.raw" "$tmp/ov1.qcow2" backing="$name"
+    done
+    kill "$(cat "$tmp/tcp.pid")"
+else
+    echo "note: no free TCP port found; TCP forms not tested"
+fi
+
+# Export names (with a space and a slash, percent-encoded in the URI),
+# checked strictly by the server.
+X=$tmp/export.sock
+start_backing "$X" --filter=exportname file "$base" exportname="a b/c" \
+    exportname-strict=true
+for name in "nbd:unix:$X:exportname=a b/c" \
+    "json:{\"file.driver\":\"nbd\",\"file.path\":\"$X\",\"file.export\":\"a b/c\"}" \
+    "nbd+unix:///a%20b%2Fc?socket=$X"; do
+    compare_read --expect "$tmp/ref1.raw" "$tmp/ov1.qcow2" backing="$name"
+done
+expect_refused "no export named 'wrong'" "$tmp/ov1.qcow2" \
+    backing="nbd:unix:$X:exportname=wrong"
+stop_backing "$X"
+
+# The filter (over nbdkit file) follows an NBD name in the image only
+# with qcow2-allow-remote-backing=true: unlike a path, it means the
+# same on every machine.
+if [ -n "${FILTER:-}" ] && [ -f "$FILTER" ] && [ "$QCOW2_MODE" = plugin ]; then
+    nbdkit -U - -r --filter="$FILTER" file "$tmp/ov1.qcow2" \
+        qcow2-allow-remote-backing=true \
+        --run 'nbdcopy "$uri" '"$tmp/gotf.raw" 2>"$tmp/filter.log" ||
+        { cat "$tmp/filter.log" >&2; fail "the filter could not serve ov1"; }
+    cmp -s "$tmp/ref1.raw" "$tmp/gotf.raw" ||
+        fail "the filter read ov1 differently from qemu"
+    r=0
+    nbdkit -U - -r --filter="$FILTER" file "$tmp/ov1.qcow2" \
+        --run 'nbdinfo --size "$uri"' >"$tmp/filter.log" 2>&1 || r=$?
+    [ "$r" -ne 0 ] && grep -q 'qcow2-allow-remote-backing=true.*qcow2-backing=' \
+        "$tmp/filter.log" ||
+        { cat "$tmp/filter.log" >&2; fail "the filter did not refuse ov1 as it should"; }
+    echo "ok: the filter follows NBD names only with qcow2-allow-remote-backing=true"
+fi
+
 # Servers that differ: no multi-conn (one connection, requests in
 # flight), multi-conn advertised but only one client allowed (we must
 # fall back to one connection), and no base:allocation (extents say
@@ -64,7 +117,9 @@ for variant in "multi-conn multi-conn-mode=disable" "limit limit=1" "noextents";
     compare_read --expect "$tmp/ref1.raw" "$tmp/ov1.qcow2" \
         backing="nbd+unix:///?socket=$V"
     if [ "$variant" = noextents ]; then
-        cp "$tmp/ov1.qcow2" "$tmp/ovn.qcow2"
+        # No holes in the copy: qemu reports data clusters over holes
+        # in the image file as zero, the plugin as data.
+        cp --sparse=never "$tmp/ov1.qcow2" "$tmp/ovn.qcow2"
         qemu-img rebase -u -f qcow2 -b "nbd+unix:///?socket=$V" -F raw \
             "$tmp/ovn.qcow2"
         compare_map "$tmp/ovn.qcow2" "$A"
@@ -85,6 +140,18 @@ echo "write -P 5 5M 64k" | qio "$ove"
 echo "write -P 6 9M 4k" | qio "$ove"
 compare_map "$ove" "$A"
 
+# A server that takes the first client but leaves every later one
+# hanging before the handshake (while advertising multi-conn): the spare
+# connection times out and the reads go on over the first.
+ST=$tmp/stall.sock
+/usr/bin/python3 "$srcdir/nbd-stall.py" "$ST" "$S" &
+stall_pid=$!
+cleanup_fn kill "$stall_pid"
+for (( i = 0; i < 100; i++ )); do [ -S "$ST" ] && break; sleep 0.1; done
+compare_read --expect "$tmp/ref1.raw" "$tmp/ov1.qcow2" \
+    backing="nbd+unix:///?socket=$ST"
+kill "$stall_pid"
+
 # qcow2 over NBD: a qcow2 file exported raw by nbdkit file.
 qb=$tmp/qbase.qcow2
 mkimg "$qb" "$size" -o cluster_size=16384
@@ -97,6 +164,17 @@ random_fill "$ovq" "$size" n=20 zeroes=10 discards=10
 ref_raw "$ovq" "$tmp/refq.raw"
 compare_read --expect "$tmp/refq.raw" "$ovq" "$A"
 compare_map "$ovq" "$A"
+
+# The same, with nbdkit forking into the background after the image
+# (and so the qcow2 header over NBD) was opened: the connection made
+# before the fork must serve the child.
+PB=$tmp/plugin-bg.sock
+start_backing "$PB" -r "$PLUGIN" file="$ovq" "$A"
+nbdcopy "nbd+unix:///?socket=$PB" "$tmp/gotbg.raw"
+cmp -s "$tmp/refq.raw" "$tmp/gotbg.raw" ||
+    fail "qcow2 over NBD through a backgrounded nbdkit: contents differ"
+stop_backing "$PB"
+echo "ok: read ovq.qcow2 through a forked nbdkit"
 
 # Depth 3 over two servers: top (local) -> mid (qcow2, on NBD) -> base
 # (raw, on NBD, named inside mid in the legacy form).
@@ -111,6 +189,12 @@ random_fill "$top" "$vsize" n=20 zeroes=10 discards=10
 ref_raw "$top" "$tmp/reftop.raw"
 compare_read --expect "$tmp/reftop.raw" "$top" "$A"
 compare_map "$top" "$A"
+# backing= is followed without the permission, but the NBD name that
+# the image it names records is not.
+compare_read --expect "$tmp/reftop.raw" "$top" "$A" backing="nbd:unix:$M" \
+    backing-format=qcow2
+expect_refused 'allow-remote-backing=true' "$top" backing="nbd:unix:$M" \
+    backing-format=qcow2
 
 # A local image on NBD may not name a local backing file.
 lmid=$tmp/lmid.qcow2
@@ -121,6 +205,15 @@ ovl=$tmp/ovl.qcow2
 mkimg "$ovl" "$size" -u -b "nbd+unix:///?socket=$L" -F qcow2
 expect_refused 'local files named by remote images are never opened' \
     "$ovl" "$A"
+
+# Nor a local external data file.
+dmid=$tmp/dmid.qcow2
+mkimg "$dmid" "$size" -o data_file="$tmp/dmid.data"
+D=$tmp/dmid.sock
+start_backing "$D" file "$dmid"
+ovd=$tmp/ovd.qcow2
+mkimg "$ovd" "$size" -u -b "nbd+unix:///?socket=$D" -F qcow2
+expect_refused 'local data file.*never opened' "$ovd" "$A"
 
 # backing= over an image whose recorded backing does not exist: always
 # allowed, no allow-remote-backing needed.  The reference is a copy

@@ -12,8 +12,9 @@
  *    cut after it could leave it (the writes before the flush, plus
  *    none, all, a random prefix or a random subset of the later ones).
  *    qemu-img check must accept it (exit 0 or 3: at most leaks), or a
- *    second repair (repair=all and one write) must make it clean (exit
- *    0).  Either way every guest byte outside the written range must
+ *    second repair (one write, with the default repair=auto if the file
+ *    is dirty, which an interrupted v3 repair must leave it, else
+ *    repair=all) must make it clean (exit 0).  Either way every guest byte outside the written range must
  *    read as the starting data.
  *  - Faults: the Nth pwrite or flush fails with EIO, for every N.  The
  *    layer must not crash; the write fails or succeeds; after close, a
@@ -38,7 +39,7 @@
 #include "qcow2-internal.h"
 #include "faultlib.h"
 
-enum damage { D_DIRTY, D_LEAKS, D_REFTABLE };
+enum damage { D_DIRTY, D_LEAKS, D_REFTABLE, D_MIXED };
 
 struct kind {
   const char *name;
@@ -47,6 +48,7 @@ struct kind {
   enum damage damage;
   enum q2_repair repair;
   bool compress;
+  bool snapshot;                /* the start is also snapshot "s1" */
 };
 
 #define K(n, o, cl, sz) .name = n, .create_opts = o, .cluster = cl, .size = sz
@@ -61,6 +63,12 @@ static const struct kind kinds[] = {
        2 * MiB), .damage = D_DIRTY, .repair = Q2_REPAIR_AUTO },
   { K ("compressed-leaks", "compat=1.1", 64 * KiB, 8 * MiB),
     .damage = D_LEAKS, .repair = Q2_REPAIR_ALL, .compress = true },
+  /* Every step of the in-place repair, over many refcount blocks:
+   * refcounts raised and lowered, COPIED flags cleared (on an L1 and
+   * on L2 entries shared with a snapshot) and set.
+   */
+  { K ("c512-mixed", "compat=1.1,cluster_size=512", 512, 2 * MiB),
+    .damage = D_MIXED, .repair = Q2_REPAIR_ALL, .snapshot = true },
 };
 
 static uint64_t seed;
@@ -281,6 +289,31 @@ damage (const struct kind *k, uint8_t *f, size_t len)
       put_be16 (f + rc_slot (f, dc[0]), 2);
     put_be16 (f + rc_slot (f, last), 3);
     break;
+  case D_MIXED: {
+    uint64_t mc[16];
+    uint64_t l1 = get_be64 (f + QH_L1_OFFSET);
+    uint64_t l2 = get_be64 (f + l1) & L1E_OFFSET_MASK, i;
+    size_t m = data_clusters (f, mc, 16), j = 0;
+
+    if (m < 10)
+      abort ();
+    put_be64 (f + l1, get_be64 (f + l1) | QCOW_OFLAG_COPIED);
+    for (i = 0; i < 4; i++)
+      put_be16 (f + rc_slot (f, mc[i]), 0);
+    for (; i < 6; i++)
+      put_be16 (f + rc_slot (f, mc[i]), 5);
+    put_be16 (f + rc_slot (f, last), 4);
+    /* COPIED on entries 6.. of the shared L2 table: wrong, refcount 2. */
+    for (i = 0; i < (UINT64_C (1) << (cb - 3)) && j < 10; i++) {
+      uint64_t e = get_be64 (f + l2 + 8 * i);
+
+      if (!(e & L2E_OFFSET_MASK) || (e & QCOW_OFLAG_COMPRESSED))
+        continue;
+      if (j++ >= 6)
+        put_be64 (f + l2 + 8 * i, e | QCOW_OFLAG_COPIED);
+    }
+    break;
+  }
   case D_REFTABLE:
     put_be64 (f + QH_INCOMPAT, get_be64 (f + QH_INCOMPAT) | 1);
     put_be64 (f + get_be64 (f + QH_REFTABLE_OFFSET), UINT64_C (1) << 40);
@@ -368,7 +401,13 @@ check_content (const uint8_t *d, size_t len, const uint8_t *initial,
 static int
 repair_again (const uint8_t *d, size_t len, struct file *out, bool *ok)
 {
-  struct q2_open_opts o = { .repair = Q2_REPAIR_ALL };
+  /* A dirty image (v3: the repair marks the image dirty while it runs)
+   * must be repaired by default; others need repair=all.
+   */
+  bool dirty = get_be32 (d + QH_VERSION) >= 3 &&
+               (get_be64 (d + QH_INCOMPAT) & QCOW2_INCOMPAT_DIRTY);
+  struct q2_open_opts o = { .repair = dirty ? Q2_REPAIR_AUTO
+                                            : Q2_REPAIR_ALL };
   struct rio *r = rio_new (d, len);
   struct q2_image *img;
 
@@ -458,6 +497,10 @@ test_kind (const struct kind *k)
       fl_make_image (path, k->create_opts, k->compress, k->size,
                      k->size / 4, seed, initial, &start, &start_len) == -1) {
     FAIL ("%s: cannot make the starting image", k->name);
+    return;
+  }
+  if (k->snapshot && fl_snapshot_create (path, "s1", &start, &start_len)) {
+    FAIL ("%s: cannot make the snapshot", k->name);
     return;
   }
   damage (k, start, start_len);
