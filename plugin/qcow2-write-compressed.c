@@ -297,6 +297,23 @@ read_old (struct q2_image *img, uint8_t *dst, uint64_t g)
   return q2_read_nolock (img, dst, len, g);
 }
 
+/* The entries of [g, end) must be sound before their old space is
+ * released: q2_map checks them (and on damage flags the image, so that
+ * the write path stops writing).
+ */
+static int
+check_entries (struct q2_image *img, uint64_t g, uint64_t end)
+{
+  while (g < end) {
+    struct q2_run run;
+
+    if (q2_map (img, g, end - g, &run) == -1)
+      return -1;
+    g += run.len;
+  }
+  return 0;
+}
+
 /* [offset, offset+count) lies inside n clusters from g0. */
 static int
 write_batch (struct q2_image *img, const uint8_t *buf, uint64_t count,
@@ -326,6 +343,11 @@ write_batch (struct q2_image *img, const uint8_t *buf, uint64_t count,
   pthread_mutex_unlock (&img->lock);
   if (r == -1)
     goto out_free;
+
+  if (check_entries (img, g0, gend) == -1) {
+    r = -1;
+    goto out_release;
+  }
 
   /* Read-modify-write of the clusters covered in part. */
   if (!aligned) {

@@ -33,3 +33,12 @@ count_compressed () {
 import json, sys
 print(json.load(sys.stdin).get("compressed-clusters", 0))'
 }
+
+# own_check IMAGE: the plugin's own check (repair=check, see
+# qcow2-check.c) must agree with qemu-img: no errors, no leaks.
+own_check () {
+  nbdkit -f -v -U - "$PLUGIN" "file=$1" repair=check --run true \
+    > "$scratch/own-check.log" 2>&1 || true
+  grep -q "check: no errors, no leaks" "$scratch/own-check.log" ||
+    { echo "repair=check disagrees:"; grep -i "check" "$scratch/own-check.log" | head; return 1; }
+}

@@ -6,7 +6,8 @@
 # identical and qemu-img check must find them clean; qemu-img map must
 # show every text cluster compressed and every random one stored
 # uncompressed, and the file must be no bigger than qemu-img convert -c
-# makes it (within 5%).
+# makes it (within 5%).  The server must advertise the cluster size as
+# the preferred block size.
 source "${srcdir:-$(dirname "$0")}/write-lib.sh"
 source "${srcdir:-$(dirname "$0")}/compress-lib.sh"
 requires qemu-img nbdkit nbdcopy python3
@@ -45,6 +46,14 @@ for c in "${cases[@]}"; do
        python3 -c 'import json,sys; print(json.load(sys.stdin)["cluster-size"])')
 
   start_server "$img" compress=true
+  # The cluster size is the preferred block size (nbdinfo is libnbd's).
+  if command -v nbdinfo >/dev/null; then
+    bs=$(nbdinfo --json "$uri" | python3 -c 'import json, sys
+j = json.load(sys.stdin)["exports"][0]
+print(j.get("block_size_minimum"), j.get("block_size_preferred"))')
+    [ "$bs" = "1 $cs" ] ||
+      { echo "$opts: block sizes (minimum, preferred) are $bs, not 1 $cs"; exit 1; }
+  fi
   nbdcopy --flush "$raw" "$uri"
   stop_server
 
