@@ -68,6 +68,9 @@ compare_map "$ovsr"
 ovsmall=$tmp/over-small.qcow2
 mkimg "$ovsmall" $(( 5*1024*1024 + 512 )) -b "$l1" -F qcow2
 random_fill "$ovsmall" $(( 5*1024*1024 + 512 )) n=10
+# A zeroed cluster, so that the map has more than one run whatever the
+# seed put below it.
+echo "write -z 1M 64k" | qio "$ovsmall"
 compare_read "$ovsmall"
 compare_map "$ovsmall"
 
