@@ -488,8 +488,35 @@ switch_table (struct q2_image *img, const uint8_t *t, size_t len,
 
 /* ---- the operations ---- */
 
+typedef int (*op_fn) (struct q2_image *, const char *, bool);
+
+/* The first write of a session already changes the header (bitmaps
+ * flagged in use, autoclear bits dropped, the dirty bit of lazy
+ * refcounts), so an operation that its checks refuse (a refcount that
+ * would overflow, a damaged tree) is checked before that, against the
+ * refcounts on disk, and a refused one leaves the file as it was.
+ * Not for a dirty image (or repair=all), whose refcounts the first
+ * write rebuilds first.
+ */
 static int
-prepare (struct q2_image *img, const char *what)
+precheck (struct q2_image *img, op_fn fn, const char *arg)
+{
+  int r;
+
+  if (img->write_started || img->repair == Q2_REPAIR_ALL ||
+      (img->h.incompat & QCOW2_INCOMPAT_DIRTY))
+    return 0;
+  pthread_mutex_lock (&img->lock);
+  r = q2_rc_init (img);
+  if (r == 0)
+    r = fn (img, arg, true);
+  q2_rc_free (img);
+  pthread_mutex_unlock (&img->lock);
+  return r;
+}
+
+static int
+prepare (struct q2_image *img, const char *what, op_fn fn, const char *arg)
 {
   if (img->snapshot)
     return Q2_FAIL (EROFS, "%s: cannot %s while serving snapshot '%s'",
@@ -500,6 +527,8 @@ prepare (struct q2_image *img, const char *what)
                     what);
   if (img->raw)
     return Q2_FAIL (ENOTSUP, "%s: not a qcow2 image", img->filename);
+  if (precheck (img, fn, arg) == -1)
+    return -1;
   if (q2_begin_write (img) == -1)
     return Q2_FAIL (errno, "%s: cannot %s", img->filename, what);
   return 0;
@@ -521,8 +550,11 @@ next_id (struct q2_image *img, char *id, size_t n)
   snprintf (id, n, "%llu", max + 1);
 }
 
+/* The operations below, with check_only, stop after their checks,
+ * before anything is written: see precheck().
+ */
 static int
-create_locked (struct q2_image *img, const char *name)
+create_locked (struct q2_image *img, const char *name, bool check_only)
 {
   struct refmap m = { 0 };
   uint8_t *entry = NULL, *table = NULL;
@@ -549,8 +581,13 @@ create_locked (struct q2_image *img, const char *name)
 
   /* 1. Increments for the active tree. */
   if (collect (img, img->l1, img->l1_size, img->l1_offset, &m) == -1 ||
-      check_refs (img, &m, 1) == -1 ||
-      apply_refs (img, &m, 1) == -1 || sync_all (img) == -1)
+      check_refs (img, &m, 1) == -1)
+    goto out;
+  if (check_only) {
+    r = 0;
+    goto out;
+  }
+  if (apply_refs (img, &m, 1) == -1 || sync_all (img) == -1)
     goto out;
   /* 2. COPIED flags off wherever the snapshot now shares. */
   if (fix_copied (img, img->l1, img->l1_size, img->l1_offset, NULL) == -1 ||
@@ -595,7 +632,7 @@ create_locked (struct q2_image *img, const char *name)
 }
 
 static int
-delete_locked (struct q2_image *img, const char *id_or_name)
+delete_locked (struct q2_image *img, const char *id_or_name, bool check_only)
 {
   struct q2_snapshot *sn = q2_snapshot_find (img, id_or_name);
   struct refmap m = { 0 };
@@ -615,6 +652,10 @@ delete_locked (struct q2_image *img, const char *id_or_name)
       collect (img, sl1, sl1_size, sl1_off, &m) == -1 ||
       check_refs (img, &m, -1) == -1)
     goto out;
+  if (check_only) {
+    r = 0;
+    goto out;
+  }
   /* 3. The table without it, then the header switch (sn is gone). */
   if (build_table (img, sn, NULL, 0, &table, &tlen) == -1 ||
       switch_table (img, table, tlen, img->nb_snaps - 1) == -1)
@@ -640,7 +681,7 @@ delete_locked (struct q2_image *img, const char *id_or_name)
 }
 
 static int
-apply_locked (struct q2_image *img, const char *id_or_name)
+apply_locked (struct q2_image *img, const char *id_or_name, bool check_only)
 {
   struct q2_snapshot *sn = q2_snapshot_find (img, id_or_name);
   uint64_t span = UINT64_C (1) << (img->cluster_bits + img->l2_bits);
@@ -666,6 +707,10 @@ apply_locked (struct q2_image *img, const char *id_or_name)
       check_refs (img, &snap_refs, 1) == -1 ||
       check_refs (img, &old_refs, -1) == -1)
     goto out;
+  if (check_only) {
+    r = 0;
+    goto out;
+  }
   /* 1. Increments for the snapshot's tree. */
   if (apply_refs (img, &snap_refs, 1) == -1 || sync_all (img) == -1)
     goto out;
@@ -709,17 +754,15 @@ apply_locked (struct q2_image *img, const char *id_or_name)
   return r;
 }
 
-typedef int (*op_fn) (struct q2_image *, const char *);
-
 static int
 run (struct q2_image *img, const char *what, op_fn fn, const char *arg)
 {
   int r;
 
-  if (prepare (img, what) == -1)
+  if (prepare (img, what, fn, arg) == -1)
     return -1;
   pthread_mutex_lock (&img->lock);
-  r = fn (img, arg);
+  r = fn (img, arg, false);
   pthread_mutex_unlock (&img->lock);
   return r;
 }

@@ -326,4 +326,10 @@ mkimg "$e" 8M -o refcount_bits=1
 random_fill "$e" 8M n=5
 cp "$e" "$tmp/err.orig"
 refused "refcount" "$PLUGIN" "$e" snapshot-create=x
+# The same with a persistent bitmap: the refusal must come before the
+# first write flags the bitmap in use (which would lose it for qemu).
+qemu-img bitmap --add "$e" b0 || fail "qemu-img bitmap --add failed"
+cp "$e" "$tmp/err.orig"
+refused "refcount" "$PLUGIN" "$e" snapshot-create=x
+qemu-img info "$e" | grep -q in-use && fail "the bitmap was left in use"
 echo "$progname: all passed"
