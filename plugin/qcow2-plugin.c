@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #define NBDKIT_API_VERSION 2
 #include <nbdkit-plugin.h>
@@ -100,17 +101,37 @@ qcow2_dump_plugin (void)
  * so open read-write where possible; nothing is written until a client
  * writes.
  */
+/* create=true made FILE (and its data file) a moment ago, but the
+ * start failed after all (an option the open refuses, such as
+ * compress=true with encryption, or a backing file that cannot be
+ * opened): a failed start leaves no file behind.
+ */
+static void
+undo_create (void)
+{
+  if (!q2_params.create)
+    return;
+  if (unlink (filename) == -1)
+    nbdkit_error ("%s: cannot remove the new image: %m", filename);
+  if (q2_params.data_file && unlink (q2_params.data_file) == -1)
+    nbdkit_error ("%s: cannot remove the new data file: %m",
+                  q2_params.data_file);
+}
+
 static int
 qcow2_get_ready (void)
 {
   q2_debug_map = qcow2_debug_map;
   if (q2_params.create && q2_params_create (filename) == -1)
     return -1;
-  if (q2_open (filename, &q2_params.opts, &image) == -1)
+  if (q2_open (filename, &q2_params.opts, &image) == -1) {
+    undo_create ();
     return -1;
+  }
   if (q2_params_snapshot_ops (image) == -1) {
     q2_close (image);           /* flushes what was done */
     image = NULL;
+    undo_create ();
     return -1;
   }
   return 0;

@@ -82,6 +82,12 @@ refuse 'not one of' "${c[@]}" size=1M encrypt-format=luks \
     encrypt-cipher-alg=rot13 password=x
 refuse 'not one of' "${c[@]}" size=1M encrypt-format=luks \
     encrypt-ivgen-hash-alg=crc32 password=x
+# Refused only when the new image is opened (after creation): the
+# image and its data file are removed again.
+refuse 'compress=true cannot be used with an encrypted image' \
+    "${c[@]}" size=1M encrypt-format=aes password=x compress=true
+refuse 'compress=true cannot be used with an external data file' \
+    "${c[@]}" size=1M data-file="$w/new.data" compress=true
 
 # Creation options without create=true.
 for opt in size=1M cluster-size=4K compat=0.10 refcount-bits=16 \
