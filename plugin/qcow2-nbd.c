@@ -705,6 +705,7 @@ struct conn {
   struct nbd_handle *h;
   int wakefd;                   /* eventfd: wake the polling thread */
   bool polling;                 /* a thread is polling (under done_lock) */
+  pthread_t poller;             /* which one (under done_lock) */
   struct req *waiters;          /* requests waiting (under done_lock) */
   unsigned users;               /* requests using it (under nbd_io.lock) */
   bool orphan;                  /* dead and replaced: free at users == 0 */
@@ -734,7 +735,10 @@ struct req {
   int err;
   pthread_cond_t cond;
   struct req *next;             /* in conn->waiters */
+  struct conn *conn;            /* the connection it went out on */
 };
+
+static void wake (struct conn *c);
 
 static int
 complete_cb (void *user_data, int *error)
@@ -744,8 +748,18 @@ complete_cb (void *user_data, int *error)
   pthread_mutex_lock (&done_lock);
   if (*error && r->err == 0)
     r->err = *error;
-  if (--r->pending == 0)
+  if (--r->pending == 0) {
     pthread_cond_signal (&r->cond);
+    /* Completed by a thread other than the poller (a submission that
+     * found the connection dead fails every command on it): the poller
+     * may be asleep in poll() on a socket that libnbd has closed, whose
+     * descriptor a new connection may even have reused.  Wake it, so
+     * that it sees its request done or the connection dead.
+     */
+    if (r->conn && r->conn->polling &&
+        !pthread_equal (r->conn->poller, pthread_self ()))
+      wake (r->conn);
+  }
   pthread_mutex_unlock (&done_lock);
   /* Not retired here: libnbd 1.14's nbd_aio_* read the command again
    * after a failed send may already have completed it, so the owner
@@ -830,6 +844,7 @@ req_wait (struct conn *c, struct req *r)
       continue;
     }
     __atomic_store_n (&c->polling, true, __ATOMIC_RELAXED);
+    c->poller = pthread_self ();
     pthread_mutex_unlock (&done_lock);
     poll_once (c);
     pthread_mutex_lock (&done_lock);
@@ -852,11 +867,12 @@ req_wait (struct conn *c, struct req *r)
 }
 
 static void
-req_init (struct req *r)
+req_init (struct req *r, struct conn *c)
 {
   r->pending = 0;
   r->err = 0;
   r->next = NULL;
+  r->conn = c;
   pthread_cond_init (&r->cond, NULL);
 }
 
@@ -1069,7 +1085,7 @@ read_batch (struct nbd_io *n, char *p, size_t len, uint64_t off,
     snprintf (msg, msglen, "no connection to the NBD server");
     return EIO;
   }
-  req_init (&r);
+  req_init (&r, c);
   while (len > 0) {
     size_t l = len < NBD_MAX_REQUEST ? len : NBD_MAX_REQUEST;
     nbd_completion_callback cb = { .callback = complete_cb, .user_data = &r };
@@ -1204,7 +1220,7 @@ status_once (struct nbd_io *n, uint64_t off, uint64_t cnt,
     snprintf (msg, msglen, "no connection to the NBD server");
     return EIO;
   }
-  req_init (&s->r);
+  req_init (&s->r, c);
   s->r.pending = 1;
   ck = nbd_aio_block_status (c->h, cnt, off, ecb, ccb, 0);
   if (ck == -1) {
