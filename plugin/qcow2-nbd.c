@@ -12,7 +12,15 @@
  *    tls-creds we cannot honour must not silently become plain text).
  *
  * 2. A read-only struct q2_io over libnbd.  nbdkit calls us from many
- *    threads at once; a synchronous libnbd call holds its handle for the
+ *    threads at once.  When the server advertises multi-conn, reads go
+ *    over a pool of connections (up to NBD_POOL_MAX, made on demand in
+ *    nbdkit's worker threads, so after the fork): a thread takes an
+ *    idle connection and does one synchronous round trip on it, with no
+ *    hand-off to, or wake-up by, another thread (see pool_pread).  What
+ *    follows covers the rest: servers without multi-conn, block status,
+ *    reads larger than one request, and requests beyond the pool.
+ *
+ *    A synchronous libnbd call holds its handle for the
  *    whole round trip, so requests go out with the asynchronous API
  *    (nbd_aio_pread, nbd_aio_block_status) and many are in flight on one
  *    connection.  The waiting threads take turns at driving the socket
@@ -697,6 +705,10 @@ q2_nbd_name_to_uri (const char *name)
 #ifndef NBD_MAX_CONNS
 #define NBD_MAX_CONNS 4
 #endif
+/* Pool connections (multi-conn servers); see pool_get. */
+#ifndef NBD_POOL_MAX
+#define NBD_POOL_MAX 16
+#endif
 /* Largest piece of one request; pieces of a large read go out together. */
 #define NBD_MAX_REQUEST (4 * 1024 * 1024)
 #define NBD_MAX_PIECES 16
@@ -705,10 +717,11 @@ struct conn {
   struct nbd_handle *h;
   int wakefd;                   /* eventfd: wake the polling thread */
   bool polling;                 /* a thread is polling (under done_lock) */
-  pthread_t poller;             /* which one (under done_lock) */
+  pthread_t poller;             /* that thread (under done_lock) */
   struct req *waiters;          /* requests waiting (under done_lock) */
   unsigned users;               /* requests using it (under nbd_io.lock) */
   bool orphan;                  /* dead and replaced: free at users == 0 */
+  struct conn *pool_next;       /* in nbd_io.pool (idle) */
 };
 
 struct nbd_io {
@@ -721,6 +734,13 @@ struct nbd_io {
   struct conn *conns[NBD_MAX_CONNS];
   unsigned next;                /* round robin */
   bool down_logged;
+  /* Multi-conn servers: a pool of connections, each used by one
+   * thread at a time with libnbd's synchronous calls (see pool_pread).
+   */
+  pthread_mutex_t pool_lock;
+  struct conn *pool;            /* idle connections */
+  unsigned pool_n;              /* connections of the pool, idle or not */
+  unsigned pool_max;            /* 0: no pool */
 };
 
 /* Completion: shared by every request. */
@@ -735,7 +755,8 @@ struct req {
   int err;
   pthread_cond_t cond;
   struct req *next;             /* in conn->waiters */
-  struct conn *conn;            /* the connection it went out on */
+  struct conn *c;
+  bool polling;                 /* its owner polls c (under done_lock) */
 };
 
 static void wake (struct conn *c);
@@ -750,15 +771,13 @@ complete_cb (void *user_data, int *error)
     r->err = *error;
   if (--r->pending == 0) {
     pthread_cond_signal (&r->cond);
-    /* Completed by a thread other than the poller (a submission that
-     * found the connection dead fails every command on it): the poller
-     * may be asleep in poll() on a socket that libnbd has closed, whose
-     * descriptor a new connection may even have reused.  Wake it, so
-     * that it sees its request done or the connection dead.
+    /* A thread submitting a command may read replies too (libnbd runs
+     * the state machine as far as it can without blocking); if it read
+     * the reply the poller waits for, the poller must not sleep on in
+     * poll().
      */
-    if (r->conn && r->conn->polling &&
-        !pthread_equal (r->conn->poller, pthread_self ()))
-      wake (r->conn);
+    if (r->polling && !pthread_equal (r->c->poller, pthread_self ()))
+      wake (r->c);
   }
   pthread_mutex_unlock (&done_lock);
   /* Not retired here: libnbd 1.14's nbd_aio_* read the command again
@@ -845,9 +864,11 @@ req_wait (struct conn *c, struct req *r)
     }
     __atomic_store_n (&c->polling, true, __ATOMIC_RELAXED);
     c->poller = pthread_self ();
+    r->polling = true;
     pthread_mutex_unlock (&done_lock);
     poll_once (c);
     pthread_mutex_lock (&done_lock);
+    r->polling = false;
     __atomic_store_n (&c->polling, false, __ATOMIC_RELAXED);
     if (r->pending > 0 && conn_dead (c)) {
       /* libnbd completes every command when the handle dies; this is
@@ -869,10 +890,11 @@ req_wait (struct conn *c, struct req *r)
 static void
 req_init (struct req *r, struct conn *c)
 {
+  r->c = c;
+  r->polling = false;
   r->pending = 0;
   r->err = 0;
   r->next = NULL;
-  r->conn = c;
   pthread_cond_init (&r->cond, NULL);
 }
 
@@ -937,7 +959,8 @@ connect_timed (struct nbd_handle *h, const char *uri, bool quiet)
  * messages when quiet: the caller has a way out).
  */
 static struct conn *
-conn_new (struct nbd_io *n, const char *name, bool first, bool quiet)
+conn_new (struct nbd_io *n, const char *name, bool first, bool quiet,
+          bool plain)
 {
   struct conn *c = calloc (1, sizeof *c);
 
@@ -954,7 +977,14 @@ conn_new (struct nbd_io *n, const char *name, bool first, bool quiet)
   c->h = nbd_create ();
   if (c->h == NULL)
     goto nbd_err;
-  if (nbd_add_meta_context (c->h, LIBNBD_CONTEXT_BASE_ALLOCATION) == -1)
+  if (plain) {
+    /* Reads only: simple replies cost the server and us fewer system
+     * calls than structured ones (one header, then the data).
+     */
+    if (nbd_set_request_structured_replies (c->h, false) == -1)
+      goto nbd_err;
+  }
+  else if (nbd_add_meta_context (c->h, LIBNBD_CONTEXT_BASE_ALLOCATION) == -1)
     goto nbd_err;
   if (first) {
     if (nbd_connect_uri (c->h, n->uri) == -1)
@@ -977,6 +1007,7 @@ conn_new (struct nbd_io *n, const char *name, bool first, bool quiet)
     n->can_status =
       nbd_can_meta_context (c->h, LIBNBD_CONTEXT_BASE_ALLOCATION) == 1;
     n->max_conns = nbd_can_multi_conn (c->h) == 1 ? NBD_MAX_CONNS : 1;
+    n->pool_max = n->max_conns > 1 ? NBD_POOL_MAX : 0;
     q2_debug ("%s: NBD export of %" PRIi64 " bytes, base:allocation %s, "
               "multi-conn %s", name, n->size, n->can_status ? "yes" : "no",
               n->max_conns > 1 ? "yes" : "no");
@@ -1028,7 +1059,7 @@ conn_get (struct nbd_io *n, bool fresh)
   if (c == NULL) {
     bool spare = i > 0 && !fresh && n->conns[0] && !conn_dead (n->conns[0]);
 
-    c = conn_new (n, n->io.name, false, spare);
+    c = conn_new (n, n->io.name, false, spare, false);
     if (c == NULL && spare) {
       /* The server advertises multi-conn but will not take another
        * client: keep to the one connection we have.
@@ -1036,6 +1067,9 @@ conn_get (struct nbd_io *n, bool fresh)
       q2_debug ("%s: cannot open another connection to the NBD server; "
                 "using one", n->io.name);
       n->max_conns = 1;
+      pthread_mutex_lock (&n->pool_lock);
+      n->pool_max = n->pool_n;
+      pthread_mutex_unlock (&n->pool_lock);
       c = n->conns[0];
     }
     else if (c == NULL) {
@@ -1064,6 +1098,115 @@ conn_put (struct nbd_io *n, struct conn *c)
   if (--c->users == 0 && c->orphan)
     conn_free (c);
   pthread_mutex_unlock (&n->lock);
+}
+
+/* The pool.  With multi-conn, a thread takes an idle connection for
+ * its request and does one synchronous round trip on it: no hand-offs
+ * between threads, no wake-ups, one connection per request in flight
+ * (up to NBD_POOL_MAX; beyond that, requests share the round-robin
+ * connections above).  Connections are made on demand in nbdkit's
+ * worker threads, so after the fork into the background.
+ */
+/* An idle pool connection, or a new one (fresh: always a new one).
+ * NULL: none to be had now; the caller uses the shared connections.
+ */
+static struct conn *
+pool_get (struct nbd_io *n, bool fresh)
+{
+  struct conn *c;
+
+  pthread_mutex_lock (&n->pool_lock);
+  if (!fresh && n->pool) {
+    c = n->pool;
+    n->pool = c->pool_next;
+    pthread_mutex_unlock (&n->pool_lock);
+    return c;
+  }
+  if (n->pool_n >= n->pool_max) {
+    pthread_mutex_unlock (&n->pool_lock);
+    return NULL;
+  }
+  n->pool_n++;
+  pthread_mutex_unlock (&n->pool_lock);
+
+  c = conn_new (n, n->io.name, false, true, true);
+  if (c == NULL) {
+    int e = errno;
+
+    pthread_mutex_lock (&n->pool_lock);
+    n->pool_n--;
+    if (e == ETIMEDOUT) {
+      /* It advertises multi-conn but leaves new clients waiting: grow
+       * no further.
+       */
+      q2_debug ("%s: the NBD server takes no more clients; pool of %u "
+                "connections", n->io.name, n->pool_n);
+      n->pool_max = n->pool_n;
+    }
+    pthread_mutex_unlock (&n->pool_lock);
+    if (e == ETIMEDOUT) {
+      /* Nor will the shared connections find a spare one. */
+      pthread_mutex_lock (&n->lock);
+      n->max_conns = 1;
+      pthread_mutex_unlock (&n->lock);
+    }
+  }
+  return c;
+}
+
+static void
+pool_put (struct nbd_io *n, struct conn *c)
+{
+  bool dead = conn_dead (c);
+
+  pthread_mutex_lock (&n->pool_lock);
+  if (dead)
+    n->pool_n--;
+  else {
+    c->pool_next = n->pool;
+    n->pool = c;
+  }
+  pthread_mutex_unlock (&n->pool_lock);
+  if (dead)
+    conn_free (c);
+}
+
+/* One read on a pool connection.  Returns 0, an errno (message in
+ * msg), or -1: no pool connection to be had, use the shared ones.  A
+ * connection found dead (the server was restarted) is dropped and the
+ * read tried once more on a new one.
+ */
+static int
+pool_pread (struct nbd_io *n, void *p, size_t len, uint64_t off,
+            char *msg, size_t msglen)
+{
+  bool fresh = false;
+  int err = -1, attempt;
+
+  for (attempt = 0; attempt < 2; attempt++) {
+    struct conn *c = pool_get (n, fresh);
+    bool dead;
+
+    if (c == NULL)
+      return -1;
+    if (nbd_pread (c->h, p, len, off, 0) == 0) {
+      pool_put (n, c);
+      return 0;
+    }
+    snprintf (msg, msglen, "%s", nbd_get_error ());
+    err = nbd_get_errno ();
+    if (err == 0)
+      err = EIO;
+    dead = conn_dead (c);
+    pool_put (n, c);
+    if (!dead)
+      break;
+    q2_debug ("%s: read at offset %" PRIu64 ": %s; reconnecting",
+              n->io.name, off, msg);
+    msg[0] = '\0';
+    fresh = true;
+  }
+  return err;
 }
 
 /* One batch of up to NBD_MAX_PIECES requests, in flight together.
@@ -1135,6 +1278,17 @@ nbd_io_pread (struct q2_io *io, void *buf, size_t cnt, uint64_t off)
   if (avail > cnt)
     avail = cnt;
   memset (p + avail, 0, cnt - avail);
+
+  if (n->pool_max && avail > 0 && avail <= NBD_MAX_REQUEST) {
+    char msg[256] = "";
+    int err = pool_pread (n, p, avail, off, msg, sizeof msg);
+
+    if (err == 0)
+      return 0;
+    if (err > 0)
+      return Q2_FAIL (EIO, "%s: read at offset %" PRIu64 " failed: %s",
+                      io->name, off, msg);
+  }
 
   while (avail > 0) {
     size_t len = avail < (size_t) NBD_MAX_PIECES * NBD_MAX_REQUEST
@@ -1293,7 +1447,13 @@ nbd_io_close (struct q2_io *io)
 
   for (i = 0; i < NBD_MAX_CONNS; i++)
     conn_free (n->conns[i]);
+  while (n->pool) {
+    struct conn *c = n->pool;
+    n->pool = c->pool_next;
+    conn_free (c);
+  }
   pthread_mutex_destroy (&n->lock);
+  pthread_mutex_destroy (&n->pool_lock);
   free (n->uri);
 }
 
@@ -1326,13 +1486,15 @@ q2_io_nbd_open (const char *name)
     return NULL;
   }
   pthread_mutex_init (&n->lock, NULL);
+  pthread_mutex_init (&n->pool_lock, NULL);
   n->io.ops = &nbd_ops;
   n->io.readonly = true;
   n->io.remote = true;
-  n->conns[0] = conn_new (n, name, true, false);
+  n->conns[0] = conn_new (n, name, true, false, false);
   if (n->conns[0] == NULL) {
     int e = errno;
     pthread_mutex_destroy (&n->lock);
+    pthread_mutex_destroy (&n->pool_lock);
     free (n->uri);
     free (n->io.name);
     free (n);
