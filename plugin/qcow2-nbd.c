@@ -12,35 +12,27 @@
  *    tls-creds we cannot honour must not silently become plain text).
  *
  * 2. A read-only struct q2_io over libnbd.  nbdkit calls us from many
- *    threads at once.  When the server advertises multi-conn, reads go
- *    over a pool of connections (up to NBD_POOL_MAX, made on demand in
- *    nbdkit's worker threads, so after the fork): a thread takes an
- *    idle connection and does one synchronous round trip on it, with no
- *    hand-off to, or wake-up by, another thread (see pool_pread).  What
- *    follows covers the rest: servers without multi-conn, block status,
- *    reads larger than one request, and requests beyond the pool.
+ *    threads at once.  Each backing has one connection for reads,
+ *    owned by a thread of its own: callers queue requests and sleep;
+ *    the thread sends them, so that many are in flight at once, reads
+ *    the replies and wakes each caller as its reply arrives.  Nobody
+ *    else touches the handle, so nobody waits for its lock.  On a 2-core
+ *    machine every wake-up costs, and this arrangement has the fewest:
+ *    the server finds requests queued on one socket instead of being
+ *    woken for each (see struct conn for the figures).
  *
- *    A synchronous libnbd call holds its handle for the
- *    whole round trip, so requests go out with the asynchronous API
- *    (nbd_aio_pread, nbd_aio_block_status) and many are in flight on one
- *    connection.  The waiting threads take turns at driving the socket
- *    (see req_wait); there is no thread of our own.  When the server
- *    advertises multi-conn, requests are spread over up to NBD_MAX_CONNS
- *    connections.  Without multi-conn we keep to one connection: some
- *    servers (qemu-nbd without --shared) accept only one client.
- *    Measured (bench workloads j and k, nbdkit file as the server, a
- *    loaded 2-core machine): one connection with requests in flight and
- *    four connections were within the noise of each other for 4k random
- *    reads (p/q 1.28-1.61 against 1.21-1.88), so we keep both: four when
- *    the server allows it, which never hurt, one otherwise.  A read-only
- *    backing would be safe on several connections even without
- *    multi-conn (nobody writes it), but the server may refuse them.
+ *    The first connection, made at open time so that a bad address
+ *    fails startup with libnbd's message, serves reads until nbdkit's
+ *    fork into the background (threads do not survive it) and block
+ *    status after it.  A server without multi-conn may take only one
+ *    client (qemu-nbd without --shared), so then the thread takes that
+ *    connection over for everything; so it does when a second client
+ *    is refused.
  *
- *    The first connection is made at open time, so that a bad address
- *    fails startup with libnbd's message.  If a connection dies (the
- *    server went away), its requests fail with EIO and a logged message,
- *    and the next request makes a new connection: a restarted server
- *    heals the export.
+ *    If the connection dies (the server went away), its requests fail
+ *    with EIO and a logged message, and the next request makes a new
+ *    connection: a restarted server heals the export.  A request that
+ *    found its connection dead is tried once more on a new one.
  */
 
 #include <config.h>
