@@ -783,6 +783,11 @@ struct conn {
   struct op *inflight_list;     /* sent, not yet finished */
   struct op *done;              /* completed, not yet finished */
   bool ever;                    /* l has been connected */
+  /* A reconnection failed for this batch: fail the rest of it at once
+   * rather than wait for the same server once per request.
+   */
+  bool batch_failed;
+  char batch_msg[200];
 };
 
 struct nbd_io {
@@ -1083,8 +1088,14 @@ op_send (struct conn *c, struct op *o)
   o->cookie = -1;
   o->done = false;
   o->err = 0;
+  if (c->batch_failed) {
+    op_finish (o, EIO, c->batch_msg, false);
+    return;
+  }
   if (link_ensure (c->n, &c->l, msg, sizeof msg) == -1 &&
       (c->ever || !take_over_sync (c))) {
+    c->batch_failed = true;
+    snprintf (c->batch_msg, sizeof c->batch_msg, "%s", msg);
     op_finish (o, EIO, msg, false);
     return;
   }
@@ -1196,6 +1207,7 @@ conn_main (void *arg)
 
     if (stop)
       break;
+    c->batch_failed = false;
     while (list) {
       struct op *o = list;
       list = o->next;
@@ -1297,7 +1309,8 @@ run_sync (struct nbd_io *n, struct op *ops, unsigned nops, struct waiter *w,
     }
     if (r == -1) {
       w->err = nbd_get_errno () ? nbd_get_errno () : EIO;
-      w->dead = handle_dead (n->sync.h);
+      /* An idle connection learns that the server went only now. */
+      w->dead = handle_dead (n->sync.h) || lost_connection (w->err);
       snprintf (w->msg, sizeof w->msg, "%s", nbd_get_error ());
     }
   }

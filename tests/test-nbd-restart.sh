@@ -68,6 +68,17 @@ start_backing "$S" file "$base"
 nbdcopy "$puri" "$tmp/got4.raw"
 cmp -s "$tmp/exp2.raw" "$tmp/got4.raw" || fail "after a mid-flight kill and restart: contents differ"
 echo "ok: server killed with requests in flight (copy exit $r), healed"
+
+# Restarted while idle: the first request after it is a block status
+# (extents of unallocated ranges go to the server), on a connection
+# that has not noticed yet that its server went.
+nbdinfo --map "$puri" > "$tmp/map1.txt" || fail "extents before the restart failed"
+stop_backing "$S"
+start_backing "$S" file "$base"
+nbdinfo --map "$puri" > "$tmp/map2.txt" 2>"$tmp/map2.err" ||
+    { cat "$tmp/map2.err" >&2; fail "extents right after a restart failed"; }
+cmp -s "$tmp/map1.txt" "$tmp/map2.txt" || fail "extents differ after the restart"
+echo "ok: extents right after a restart"
 stop_plugin "$P"
 qemu-img check -q "$ov" || fail "qemu-img check found problems"
 echo "PASS"
