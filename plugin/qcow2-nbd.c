@@ -783,6 +783,7 @@ struct conn {
   struct op *inflight_list;     /* sent, not yet finished */
   struct op *done;              /* completed, not yet finished */
   bool ever;                    /* l has been connected */
+  bool shut;                    /* the server said it is going: drop l */
   /* A reconnection failed for this batch: fail the rest of it at once
    * rather than wait for the same server once per request.
    */
@@ -965,6 +966,8 @@ op_complete_cb (void *user_data, int *error)
     return 0;
   }
   inflight_del (o->c, o);
+  if (lost_connection (*error))
+    o->c->shut = true;
   op_finish (o, *error, NULL, lost_connection (*error));
   return 1;                     /* retire it */
 }
@@ -1035,9 +1038,11 @@ reap (struct conn *c)
   }
 }
 
-/* The handle died and some commands were never completed (libnbd
- * completes them all as a handle dies: a safety net against waiting
- * for ever).  Close it first: the ops must outlive any callback.
+/* Give up the connection: its server is shutting down (it answers
+ * ESHUTDOWN to everything but does not hang up), or it died with
+ * commands libnbd never completed (a safety net against waiting for
+ * ever).  Close it first: the ops must outlive any callback.  What is
+ * still in flight fails as a lost connection, to be tried again.
  */
 static void
 conn_drop (struct conn *c)
@@ -1218,8 +1223,9 @@ conn_main (void *arg)
       continue;
     conn_wait (c);
     reap (c);
-    if (c->inflight_list && handle_dead (c->l.h))
+    if (c->l.h && (c->shut || (c->inflight_list && handle_dead (c->l.h))))
       conn_drop (c);
+    c->shut = false;
   }
   return NULL;
 }
@@ -1309,8 +1315,14 @@ run_sync (struct nbd_io *n, struct op *ops, unsigned nops, struct waiter *w,
     }
     if (r == -1) {
       w->err = nbd_get_errno () ? nbd_get_errno () : EIO;
-      /* An idle connection learns that the server went only now. */
+      /* An idle connection learns that the server went only now; one
+       * whose server is shutting down answers ESHUTDOWN for ever.
+       */
       w->dead = handle_dead (n->sync.h) || lost_connection (w->err);
+      if (w->dead) {
+        nbd_close (n->sync.h);
+        n->sync.h = NULL;
+      }
       snprintf (w->msg, sizeof w->msg, "%s", nbd_get_error ());
     }
   }
