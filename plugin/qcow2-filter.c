@@ -29,6 +29,7 @@
 #include "qcow2-internal.h"
 #include "qcow2-params.h"
 #include "qcow2-glue.h"
+#include "qcow2-nbd.h"
 
 /* -D qcow2.map=1: log every mapping.  -D qcow2.cache=1: cache stats. */
 NBDKIT_DLL_PUBLIC int qcow2_debug_map = 0;
@@ -523,6 +524,7 @@ open_image (nbdkit_backend *backend)
 static int
 qcow2_after_fork (nbdkit_backend *backend)
 {
+  q2_nbd_after_fork ();
   if (open_image (backend) == -1)
     nbdkit_debug ("qcow2: the image could not be opened; connections "
                   "will try again");

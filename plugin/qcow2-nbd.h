@@ -34,4 +34,10 @@ extern char *q2_nbd_name_to_uri (const char *name);
  */
 extern struct q2_io *q2_io_nbd_open (const char *name);
 
+/* Call after nbdkit's fork into the background (the plugin's and the
+ * filter's after_fork): from then on each connection to an NBD server
+ * has a thread of its own.  Before, reads are synchronous.
+ */
+extern void q2_nbd_after_fork (void);
+
 #endif /* QCOW2_NBD_H */

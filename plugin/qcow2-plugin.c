@@ -20,6 +20,7 @@
 #include "qcow2.h"
 #include "qcow2-params.h"
 #include "qcow2-glue.h"
+#include "qcow2-nbd.h"
 
 #define THREAD_MODEL NBDKIT_THREAD_MODEL_PARALLEL
 
@@ -134,6 +135,14 @@ qcow2_get_ready (void)
     undo_create ();
     return -1;
   }
+  return 0;
+}
+
+/* Threads (an NBD backing's connection thread) start only now. */
+static int
+qcow2_after_fork (void)
+{
+  q2_nbd_after_fork ();
   return 0;
 }
 
@@ -287,6 +296,7 @@ static struct nbdkit_plugin plugin = {
   .magic_config_key  = "file",
   .dump_plugin       = qcow2_dump_plugin,
   .get_ready         = qcow2_get_ready,
+  .after_fork        = qcow2_after_fork,
   .cleanup           = qcow2_cleanup,
   .open              = qcow2_open,
   .get_size          = qcow2_get_size,

@@ -229,9 +229,9 @@ compare_read --expect "$tmp/refgone.raw" "$gone" backing="$legacy"
 compare_read --expect "$tmp/refgone.raw" "$gone" backing="$nested"
 
 # An unreachable server fails startup with libnbd's message.
-expect_refused 'nbd_connect_uri.*(No such file|connect)' "$gone" \
+expect_refused 'nbd_(aio_)?connect_uri.*(No such file|connect)' "$gone" \
     backing="nbd+unix:///?socket=$tmp/nobody.sock"
-expect_refused 'nbd_connect_uri' "$tmp/ov2.qcow2" "$A" backing="nbd:unix:$tmp/nobody.sock"
+expect_refused 'nbd_(aio_)?connect_uri' "$tmp/ov2.qcow2" "$A" backing="nbd:unix:$tmp/nobody.sock"
 # Malformed names found in an image fail cleanly too.
 bad=$tmp/bad.qcow2
 mkimg "$bad" "$size" -u -b 'json:{"file.driver":"nbd","file.path":' -F raw

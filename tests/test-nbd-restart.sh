@@ -68,6 +68,25 @@ start_backing "$S" file "$base"
 nbdcopy "$puri" "$tmp/got4.raw"
 cmp -s "$tmp/exp2.raw" "$tmp/got4.raw" || fail "after a mid-flight kill and restart: contents differ"
 echo "ok: server killed with requests in flight (copy exit $r), healed"
+
+# Restarted while idle, gracefully: on SIGTERM nbdkit answers
+# ESHUTDOWN on connections that stay open and lingers while they do;
+# the new server takes over the socket path at once.  The first request
+# after it is a block status (extents of unallocated ranges go to the
+# server), on a connection that has not been used since.
+nbdinfo --map "$puri" > "$tmp/map1.txt" || fail "extents before the restart failed"
+kill -TERM "$(cat "$S.pid")"
+start_backing "$S" file "$base"
+nbdinfo --map "$puri" > "$tmp/map2.txt" 2>"$tmp/map2.err" ||
+    { cat "$tmp/map2.err" >&2; fail "extents right after a restart failed"; }
+cmp -s "$tmp/map1.txt" "$tmp/map2.txt" || fail "extents differ after the restart"
+echo "ok: extents right after a restart"
+# The same for reads, on the reading connection.
+kill -TERM "$(cat "$S.pid")"
+start_backing "$S" file "$base"
+nbdcopy "$puri" "$tmp/got5.raw" || fail "reads right after a graceful restart failed"
+cmp -s "$tmp/exp2.raw" "$tmp/got5.raw" || fail "after a graceful restart: contents differ"
+echo "ok: reads right after a graceful restart"
 stop_plugin "$P"
 qemu-img check -q "$ov" || fail "qemu-img check found problems"
 echo "PASS"
