@@ -81,6 +81,24 @@ open_member (const char *path, const char *fmt, const struct q2_open_opts *opts,
   return r;
 }
 
+/* A json: name may say the format itself ("driver" beside "file"):
+ * it must agree with the one recorded (or given), and stands in for
+ * none.  *fmt may then point into jfmt.
+ */
+static int
+check_name_format (struct q2_image *img, const char *name, const char **fmt,
+                   char *jfmt, size_t len)
+{
+  if (!q2_nbd_name_format (name, jfmt, len))
+    return 0;
+  if (*fmt && strcmp (*fmt, jfmt) != 0)
+    return Q2_FAIL (EINVAL, "%s: the backing name '%s' says format '%s', "
+                    "but the format given for it is '%s'", img->filename,
+                    name, jfmt, *fmt);
+  *fmt = jfmt;
+  return 0;
+}
+
 int
 q2_open_backing (struct q2_image *img, const struct q2_open_opts *opts,
                  unsigned depth, struct q2_io **chain)
@@ -88,7 +106,7 @@ q2_open_backing (struct q2_image *img, const struct q2_open_opts *opts,
   const char *name = img->h.backing_name;
   const char *fmt = img->h.backing_format;
   bool explicit = false;
-  char *path;
+  char *path, jfmt[32];
   int r;
 
   if (depth == 0 && opts->backing) {
@@ -101,6 +119,8 @@ q2_open_backing (struct q2_image *img, const struct q2_open_opts *opts,
     return 0;
   if (depth == 0 && opts->backing_format)
     fmt = opts->backing_format;
+  if (check_name_format (img, name, &fmt, jfmt, sizeof jfmt) == -1)
+    return -1;
   if (fmt == NULL)
     return Q2_FAIL (EINVAL, "%s: the image does not record the format of "
                     "its backing file '%s', and formats are never probed; "

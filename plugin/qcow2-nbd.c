@@ -692,6 +692,24 @@ q2_nbd_name_to_uri (const char *name)
   return NULL;
 }
 
+bool
+q2_nbd_name_format (const char *name, char *buf, size_t len)
+{
+  struct jparser j;
+  const char *drv;
+
+  if (strncmp (name, "json:", 5) != 0)
+    return false;
+  if (jp_parse (&j, name, name + 5) == -1)
+    return false;               /* json_to_uri reports it */
+  /* With a "file" layer, the top-level driver is the format. */
+  drv = jp_get (&j, "", "file.driver") ? jp_get (&j, "", "driver") : NULL;
+  if (drv)
+    snprintf (buf, len, "%s", drv);
+  jp_free (&j);
+  return drv != NULL;
+}
+
 /* ---------------------------------------------------------------- */
 /* I/O over libnbd */
 

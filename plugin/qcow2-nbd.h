@@ -14,6 +14,7 @@
 #define QCOW2_NBD_H
 
 #include <stdbool.h>
+#include <stddef.h>
 
 struct q2_io;
 
@@ -27,6 +28,11 @@ extern bool q2_nbd_is_name (const char *name);
  * reporting what is wrong (errno EINVAL or ENOMEM).
  */
 extern char *q2_nbd_name_to_uri (const char *name);
+
+/* The format a json: name gives for the image it names (its top-level
+ * "driver" beside a "file" layer), in buf; false if it gives none.
+ */
+extern bool q2_nbd_name_format (const char *name, char *buf, size_t len);
 
 /* Connect to the server named by name (any accepted form) and return
  * a read-only I/O object over its export.  Fails (reported, with

@@ -41,6 +41,21 @@ done
 compare_map "$tmp/ov1.qcow2" "$A"
 compare_map "$tmp/ov3.qcow2" "$A"
 
+# A json: name may carry the format too ("driver" beside "file"): it
+# must agree with the recorded format or backing-format=.
+jraw="json:{\"driver\":\"raw\",\"file\":{\"driver\":\"nbd\",\"server\":{\"type\":\"unix\",\"path\":\"$S\"}}}"
+ovj=$tmp/ovj.qcow2
+mkimg "$ovj" "$vsize" -u -b "$jraw" -F raw
+random_fill "$ovj" "$vsize" n=10 zeroes=5 discards=5
+ref_raw "$ovj" "$tmp/refj.raw"
+compare_read --expect "$tmp/refj.raw" "$ovj" "$A"
+expect_refused "says format 'raw'.*given for it is 'qcow2'" "$ovj" "$A" \
+    backing-format=qcow2
+ovj2=$tmp/ovj2.qcow2
+mkimg "$ovj2" "$vsize" -u -b "$jraw" -F qcow2
+expect_refused "says format 'raw'.*given for it is 'qcow2'" "$ovj2" "$A"
+echo "ok: json: names with a format"
+
 # nbdkit sparse-random as the backing server: holes and data, which
 # the extents must pass through as qemu-nbd sees them.
 SR=$tmp/sparse.sock
