@@ -73,12 +73,17 @@ compare_map "$ov"
 
 # A compressed cluster that is the last thing in the file: its
 # descriptor may claim more sectors than the file still has.
+# One time in 512 the compressed data ends on a sector boundary by
+# chance: then other data, until it does not.
 for cs in 512 4096 65536 2097152; do
     img=$tmp/c-eof-$cs.qcow2
-    mkimg "$img" 8M -o cluster_size=$cs
-    gen_bytes "$cs" text > "$tmp/cluster.bin"
-    echo "write -c -s $tmp/cluster.bin $(( 3 * cs )) $cs" | qio "$img"
-    assert_compressed "$img"
+    for try in 1 2 3 4 5; do
+        mkimg "$img" 8M -o cluster_size=$cs
+        gen_bytes "$cs" text > "$tmp/cluster.bin"
+        echo "write -c -s $tmp/cluster.bin $(( 3 * cs )) $cs" | qio "$img"
+        assert_compressed "$img"
+        [ $(( $(stat -c %s "$img") % 512 )) -eq 0 ] || break
+    done
     [ $(( $(stat -c %s "$img") % 512 )) -ne 0 ] ||
         fail "sanity: $img does not end inside compressed data"
     compare_read "$img"

@@ -249,6 +249,7 @@ def one(name, seed):
     opts, size, extra = CONFIGS[name]
     rng = random.Random(f"{seed}-{name}")
     d = tempfile.mkdtemp(prefix=f"wc-{name}-")
+    ok = False
     try:
         img, raw = prepare(d, name, opts, size, extra, rng)
         snap_before = None
@@ -282,14 +283,16 @@ def one(name, seed):
                 raise RuntimeError("the snapshot's content changed")
         print(f"PASS {name}: {len(w.cmds)} commands, check clean, content "
               f"equal", flush=True)
+        ok = True
         return True
     except Exception as e:
         print(f"FAIL {name} (seed {seed}): {e}", flush=True)
         print(f"  kept {d} for inspection", flush=True)
         return False
     finally:
-        if os.environ.get("KEEP") is None and "kept" not in locals():
-            pass
+        # A failure keeps its files (see above); a pass leaves nothing.
+        if ok and os.environ.get("KEEP") is None:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def main():
