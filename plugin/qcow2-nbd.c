@@ -1264,7 +1264,7 @@ conn_submit (struct conn *c, struct op *ops, unsigned nops,
 
     /* One connection only: the thread's from now on. */
     pthread_mutex_lock (&c->n->sync_lock);
-    if (!c->n->multi) {
+    if (!c->n->multi && c->n->sync.h) {
       c->l = c->n->sync;
       c->n->sync.h = NULL;
     }
